@@ -1,0 +1,116 @@
+"""Adapter files: PEFT-style safetensors, the reference `adapter_model.bin`, and the export to it.
+
+A saved adapter is `adapter_config.json` + `adapter_model.safetensors` with the reference
+weight key names (`mixlora.layers.{l}.self_attn.q_proj.lora_A.weight`, ...). Loading also reads
+the reference `adapter_model.bin` (with `weights_only=True`, so no code runs). `export_reference`
+is the only function in the project that writes pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import CONFIG_NAME, MixLoraConfig
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+REFERENCE_WEIGHTS_NAME = "adapter_model.bin"
+# The reference package's config keys (mixlora 0.2.3 / moe-peft 2.0.2).
+_REFERENCE_KEYS = ("bias", "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout",
+                   "target_modules", "routing_strategy", "num_experts", "top_k", "router_aux_loss_coef",
+                   "router_init_range", "jitter_noise", "act_fn", "use_dora", "use_rslora")
+
+
+def save_adapter(model, directory: str | os.PathLike) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state_dict().items()}
+    model.mixlora_config.save_pretrained(directory)
+    save_file(tensors, str(directory / SAFETENSORS_NAME), metadata={"format": "pt", "peft_type": "MIXLORA"})
+
+
+def read_adapter_weights(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
+    directory = Path(directory)
+    st, pt = directory / SAFETENSORS_NAME, directory / REFERENCE_WEIGHTS_NAME
+    if st.is_file():
+        try:
+            return load_file(str(st)), st
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"cannot read adapter weights {st}: {err}") from err
+    if pt.is_file():
+        try:
+            return torch.load(pt, map_location="cpu", weights_only=True), pt
+        except Exception as err:
+            raise ValueError(f"cannot read adapter weights {pt} (loaded with weights_only=True): {err}") from err
+    raise FileNotFoundError(f"no {SAFETENSORS_NAME} or {REFERENCE_WEIGHTS_NAME} in adapter directory {directory}")
+
+
+def load_adapter(base_model: nn.Module, directory: str | os.PathLike, adapter_dtype: torch.dtype = torch.float32,
+                 is_trainable: bool = False):
+    from .model import get_mixlora_model
+
+    config = MixLoraConfig.from_pretrained(directory)
+    weights, path = read_adapter_weights(directory)
+    model = get_mixlora_model(base_model, config, adapter_dtype=adapter_dtype)
+    expected = model.adapter_state_dict()
+    for key, target in expected.items():
+        if key not in weights:
+            raise ValueError(f"{path} lacks adapter tensor {key!r} that this base model needs "
+                             f"(the adapter was saved for a different base or configuration)")
+        if tuple(weights[key].shape) != tuple(target.shape):
+            raise ValueError(f"adapter tensor {key!r} in {path} has shape {tuple(weights[key].shape)} but the base "
+                             f"model expects {tuple(target.shape)}: this adapter was trained on a different base "
+                             f"model (config says {config.base_model_name_or_path!r})")
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise ValueError(f"{path} has {len(unexpected)} tensor(s) this base model has no place for, first "
+                         f"{unexpected[0]!r}: the adapter was saved for a different base (e.g. more layers)")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(weights[key])
+    for name, param in model.named_parameters():
+        if param.requires_grad and not is_trainable:
+            param.requires_grad_(False)
+    if not is_trainable:
+        model.eval()
+    return model
+
+
+def export_reference(model, directory: str | os.PathLike) -> None:
+    """Write `adapter_config.json` + `adapter_model.bin` readable by the reference `mixlora` package.
+
+    Notes for users of the reference package: it refuses `lora_dropout == 0`, so a zero dropout is
+    written as 1e-9 (numerically no dropout); it recomputes DoRA magnitudes from the weights
+    instead of reading them; and its inference code only supports `routing_strategy: mixlora`.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = model.mixlora_config.to_dict()
+    ref = {k: cfg[k] for k in _REFERENCE_KEYS}
+    ref["lora_dropout"] = float(ref["lora_dropout"]) or 1e-9
+    for key in ("router_aux_loss_coef", "router_init_range", "jitter_noise"):
+        ref[key] = float(ref[key])
+    if float(ref["lora_alpha"]).is_integer():
+        ref["lora_alpha"] = int(ref["lora_alpha"])
+    if model.mixlora_config.expert_lora is not None:
+        expert = dict(cfg["expert_lora"])
+        expert["lora_dropout"] = float(expert["lora_dropout"]) or 1e-9
+        ref["expert_lora"] = expert
+    if model.mixlora_config.routing_strategy == "mixlora-switch":
+        ref["expert_capacity"] = cfg["expert_capacity"]
+        ref["router_z_loss_coef"] = float(cfg["router_z_loss_coef"])
+        log.warning("the reference inference package only loads routing_strategy 'mixlora'; moe-peft reads switch")
+    if ref["base_model_name_or_path"] is None:
+        ref["base_model_name_or_path"] = ""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state_dict().items()}
+    torch.save(tensors, directory / REFERENCE_WEIGHTS_NAME)
+    with open(directory / CONFIG_NAME, "w", encoding="utf8") as fh:
+        json.dump(ref, fh, indent=2)

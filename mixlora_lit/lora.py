@@ -1,0 +1,144 @@
+"""LoRA pieces shared by the attention adapters and the FFN experts.
+
+`LoraAdapter` holds one low-rank update (A, B, dropout, scaling, optional DoRA magnitude) but
+no base weight, so several experts can share one frozen `nn.Linear`. `LoraLinear` is a frozen
+`nn.Linear` plus one adapter, used for q/k/v/o; it can merge its update into the base weight.
+
+Adapter weights are kept in `adapter_dtype` (fp32 by default) while the base may be bf16: the
+LoRA branch runs in the adapter dtype and its output is cast back, as PEFT does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoraAdapter(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        base_weight: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.r = r
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, r, bias=False, dtype=dtype, device=device)
+        self.lora_B = nn.Linear(r, out_features, bias=False, dtype=dtype, device=device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.use_dora = use_dora
+        if use_dora:
+            if base_weight is None:
+                raise ValueError("DoRA needs the base weight to initialise its magnitude")
+            # m starts at ||W||_row, so the adapter is the identity at initialisation.
+            self.lora_magnitude = nn.Parameter(
+                torch.linalg.vector_norm(base_weight.detach().to(dtype), dim=1).to(device)
+            )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lora_A.weight.dtype
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling * B A dropout(x), in the adapter dtype."""
+        x = self.lora_dropout(x.to(self.dtype))
+        return self.lora_B(self.lora_A(x)) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def dora_scale(self, base: nn.Linear) -> torch.Tensor:
+        """m / ||W + s B A||_row; the norm is detached as in the DoRA paper (sec. 4.3) and PEFT."""
+        weight = base.weight.to(self.dtype) + self.delta_weight()
+        norm = torch.linalg.vector_norm(weight, dim=1).detach()
+        return self.lora_magnitude / norm
+
+    def apply(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+        """Output of the adapted layer given the frozen layer's output `base_out = base(x)`."""
+        delta = self.delta(x)
+        if not self.use_dora:
+            return base_out + delta.to(base_out.dtype)
+        bias = base.bias
+        linear = base_out if bias is None else base_out - bias
+        out = self.dora_scale(base) * (linear.to(self.dtype) + delta)
+        out = out.to(base_out.dtype)
+        return out if bias is None else out + bias
+
+
+class LoraLinear(LoraAdapter):
+    """A frozen `nn.Linear` with one LoRA (or DoRA) adapter; used for attention projections."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, use_dora: bool = False,
+                 adapter_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(base_layer.in_features, base_layer.out_features, r, lora_alpha, lora_dropout,
+                         use_rslora, use_dora, base_weight=base_layer.weight, dtype=adapter_dtype,
+                         device=base_layer.weight.device)
+        self.base_layer = base_layer
+        self.merged = False
+        self._dora_norm: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some transformers code reads `proj.weight.dtype`
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base_out = self.base_layer(x)
+        if self.merged:
+            return base_out
+        return self.apply(x, base_out, self.base_layer)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        merged = weight.to(self.dtype) + self.delta_weight()
+        if self.use_dora:
+            norm = torch.linalg.vector_norm(merged, dim=1)
+            self._dora_norm = norm
+            merged = (self.lora_magnitude / norm).unsqueeze(1) * merged
+        weight.copy_(merged.to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Exact in fp32/fp64; in bf16 the round trip loses the low bits of the base weight."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        current = weight.to(self.dtype)
+        if self.use_dora:
+            current = current * (self._dora_norm / self.lora_magnitude).unsqueeze(1)
+            self._dora_norm = None
+        weight.copy_((current - self.delta_weight()).to(weight.dtype))
+        self.merged = False
+
+
+def linear_no_bias(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    return F.linear(x, layer.weight)

@@ -1,0 +1,202 @@
+"""The MixLoRA mixture-of-experts FFN.
+
+Expert i is the frozen FFN with its own LoRA on gate, up and down:
+    E_i(x) = (W2 + dW2_i) [act((W1 + dW1_i) x) * (W3 + dW3_i) x],   y = sum_{i in top-k} w_i E_i(x).
+
+Two execution paths compute the same function:
+
+* ``reference``: each routed expert runs its whole FFN on its tokens (the formula as written).
+* ``fused`` (default): W1 x and W3 x run once for all tokens; each expert adds only its LoRA
+  deltas on its own tokens; and because W2 is linear and frozen,
+  sum_i w_i W2 h_i = W2 (sum_i w_i h_i), so the base down projection runs once per token on the
+  gate-weighted sum and only dW2_i runs per (token, expert). A DoRA down projection rescales
+  W2 h_i per expert, which breaks that identity, so with DoRA experts W2 runs per (token,
+  expert) and everything else stays fused.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .config import FFN_TARGETS, MixLoraConfig
+from .lora import LoraAdapter
+from .routers import Routing, SwitchRouter, TopKRouter
+
+EXECUTION_PATHS = ("fused", "reference")
+
+
+class MoeProjection(nn.Module):
+    """A frozen FFN projection shared by all experts, plus one LoRA per expert."""
+
+    def __init__(self, base_layer: nn.Linear, num_experts: int, r: int, lora_alpha: float, lora_dropout: float,
+                 use_rslora: bool, use_dora: bool, adapter_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.experts = nn.ModuleList(
+            LoraAdapter(base_layer.in_features, base_layer.out_features, r, lora_alpha, lora_dropout,
+                        use_rslora, use_dora, base_weight=base_layer.weight, dtype=adapter_dtype,
+                        device=base_layer.weight.device)
+            for _ in range(num_experts)
+        )
+
+    @property
+    def use_dora(self) -> bool:
+        return self.experts[0].use_dora
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # the frozen projection alone
+        return self.base_layer(x)
+
+
+class MixLoraMoeFFN(nn.Module):
+    """Drop-in replacement for a LLaMA-style gated MLP (Llama, Mistral, Qwen2, Gemma 1/2/3)."""
+
+    def __init__(self, mlp: nn.Module, config: MixLoraConfig, adapter_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.top_k
+        self.execution = "fused"
+        act = getattr(mlp, "act_fn", None)
+        if act is None:
+            if config.act_fn is None:
+                raise ValueError(f"{type(mlp).__name__} has no act_fn and MixLoraConfig.act_fn is not set")
+            act = ACT2FN[config.act_fn]
+        self.act_fn: Callable[[torch.Tensor], torch.Tensor] = act
+        r, alpha, dropout = config.expert_hparams()
+        for name in FFN_TARGETS:
+            base = getattr(mlp, name)
+            if name in config.target_modules:
+                base = MoeProjection(base, config.num_experts, r, alpha, dropout, config.use_rslora,
+                                     config.use_dora, adapter_dtype)
+            self.add_module(name, base)
+        hidden = self._base("gate_proj").in_features
+        device = self._base("gate_proj").weight.device
+        if config.routing_strategy == "mixlora-switch":
+            self.moe_gate = SwitchRouter(hidden, config.num_experts, config.expert_capacity,
+                                         config.router_init_range, config.jitter_noise, adapter_dtype, device)
+        else:
+            self.moe_gate = TopKRouter(hidden, config.num_experts, config.top_k, config.router_init_range,
+                                       config.jitter_noise, adapter_dtype, device)
+        # Filled by each forward; read by MixLoraModel for the auxiliary loss and routing statistics.
+        self.last_routing: Routing | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _base(self, name: str) -> nn.Linear:
+        module = getattr(self, name)
+        return module.base_layer if isinstance(module, MoeProjection) else module
+
+    def _expert(self, name: str, e: int) -> LoraAdapter | None:
+        module = getattr(self, name)
+        if isinstance(module, MoeProjection) and e < self.num_experts:
+            return module.experts[e]
+        return None
+
+    def _project(self, name: str, e: int, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        adapter = self._expert(name, e)
+        return base_out if adapter is None else adapter.apply(x, base_out, self._base(name))
+
+    def _down_is_factored(self) -> bool:
+        down = getattr(self, "down_proj")
+        return not (isinstance(down, MoeProjection) and down.use_dora)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        routing = self.moe_gate(x, batch_shape=tuple(shape[:-1]) if len(shape) == 3 else None)
+        self.last_routing = routing
+        if self.execution == "reference":
+            y = self._forward_reference(x, routing)
+        else:
+            y = self._forward_fused(x, routing)
+        return y.reshape(shape)
+
+    def _forward_reference(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Each routed (token, expert) pair runs the expert's whole FFN: the paper's formula."""
+        y = torch.zeros_like(x)
+        for e in range(self.num_experts + 1):
+            tokens, slot = torch.where(routing.experts == e)
+            if tokens.numel() == 0:
+                continue
+            xe = x[tokens]
+            gate = self._project("gate_proj", e, xe, self._base("gate_proj")(xe))
+            up = self._project("up_proj", e, xe, self._base("up_proj")(xe))
+            h = self.act_fn(gate) * up
+            out = self._project("down_proj", e, h, self._base("down_proj")(h))
+            weight = routing.weights[tokens, slot].unsqueeze(1)
+            y.index_add_(0, tokens, out * weight.to(out.dtype))
+        return y
+
+    def _forward_fused(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        k = routing.experts.shape[1]
+        gate_base = self._base("gate_proj")(x)
+        up_base = self._base("up_proj")(x)
+        down = self._base("down_proj")
+
+        # Sort (token, slot) assignments by expert so each expert reads one contiguous slice.
+        flat_experts = routing.experts.reshape(-1)
+        order = torch.argsort(flat_experts, stable=True)
+        tokens = order // k
+        weights = routing.weights.reshape(-1)[order].unsqueeze(1)
+        counts = torch.bincount(flat_experts, minlength=self.num_experts + 1).tolist()
+        xs, gs, us = x[tokens], gate_base[tokens], up_base[tokens]
+
+        factored = self._down_is_factored()
+        h_parts: list[torch.Tensor] = []  # w * h, summed per token and sent through W2 once
+        h_slices: list[slice] = []
+        out_parts: list[torch.Tensor] = []  # per-assignment additions to the output
+        out_slices: list[slice] = []
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            sl = slice(start, start + count)
+            start += count
+            xe, we = xs[sl], weights[sl]
+            h = self.act_fn(self._project("gate_proj", e, xe, gs[sl])) * self._project("up_proj", e, xe, us[sl])
+            adapter = self._expert("down_proj", e)
+            if factored or adapter is None:
+                h_parts.append(h * we.to(h.dtype))
+                h_slices.append(sl)
+                if adapter is not None:
+                    out_parts.append(adapter.delta(h) * we.to(adapter.dtype))
+                    out_slices.append(sl)
+            else:  # DoRA down projection: W2 runs per (token, expert)
+                out = adapter.apply(h, down(h), down)
+                out_parts.append(out * we.to(out.dtype))
+                out_slices.append(sl)
+
+        y = torch.zeros_like(x)
+        if h_parts:
+            h_tokens = _gather_slices(tokens, h_slices)
+            h_sum = torch.zeros(num_tokens, gate_base.shape[1], dtype=gate_base.dtype, device=x.device)
+            h_sum.index_add_(0, h_tokens, torch.cat(h_parts))
+            y = F.linear(h_sum, down.weight)
+            if down.bias is not None:  # sum_i w_i b = (sum_i w_i) b over the factored assignments
+                w_sum = torch.zeros(num_tokens, 1, dtype=weights.dtype, device=x.device)
+                w_sum.index_add_(0, h_tokens, _gather_slices(weights, h_slices))
+                y = y + w_sum.to(y.dtype) * down.bias
+        if out_parts:
+            y = y.index_add(0, _gather_slices(tokens, out_slices), torch.cat(out_parts).to(y.dtype))
+        return y
+
+
+def _gather_slices(t: torch.Tensor, slices: list[slice]) -> torch.Tensor:
+    if len(slices) == 1 or (slices and slices[0].start == 0 and slices[-1].stop == t.shape[0]
+                            and all(a.stop == b.start for a, b in zip(slices, slices[1:]))):
+        return t[slices[0].start:slices[-1].stop]
+    return torch.cat([t[sl] for sl in slices])
+
+
+def set_execution_path(model: nn.Module, path: str) -> None:
+    """Switch every MixLoRA FFN in `model` between the fused and the reference path."""
+    if path not in EXECUTION_PATHS:
+        raise ValueError(f"execution path {path!r} is invalid: expected one of {list(EXECUTION_PATHS)}")
+    for module in model.modules():
+        if isinstance(module, MixLoraMoeFFN):
+            module.execution = path
