@@ -98,7 +98,9 @@ def get_mixlora_model(base_model: nn.Module, config: MixLoraConfig,
             setattr(attn, name, LoraLinear(getattr(attn, name), config.r, config.lora_alpha, config.lora_dropout,
                                            config.use_rslora, config.use_dora, adapter_dtype))
         layer.mlp = MixLoraMoeFFN(layer.mlp, config, adapter_dtype)
-    return MixLoraModel(base_model, config)
+    model = MixLoraModel(base_model, config)
+    model.train(base_model.training)  # new modules start in training mode; follow the base's mode
+    return model
 
 
 class MixLoraModel(nn.Module):

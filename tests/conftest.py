@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random models (fast, fp64-capable) and the real offline SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def tiny_llama(dtype=torch.float64, seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**kwargs)).to(dtype).eval()
+
+
+def tiny_gemma3(dtype=torch.float64, seed: int = 0, **overrides):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=4,
+                  hidden_activation="gelu_pytorch_tanh")
+    kwargs.update(overrides)
+    return Gemma3ForCausalLM(Gemma3TextConfig(**kwargs)).to(dtype).eval()
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 1, scale: float = 0.3) -> None:
+    """Give every adapter tensor a random value (B starts at zero, which would hide bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(key in name for key in ("lora_A", "lora_B", "moe_gate")):
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float64) * scale)
+            elif "lora_magnitude" in name:
+                param.mul_(1 + 0.2 * torch.rand(param.shape, generator=gen, dtype=torch.float64).to(param.dtype))
+
+
+def batch(vocab: int = 97, seed: int = 3, lengths=(9, 6)):
+    """Right-padded input ids with their attention mask."""
+    gen = torch.Generator().manual_seed(seed)
+    seq = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), seq), generator=gen)
+    mask = torch.zeros(len(lengths), seq, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32():
+    from mixlora_lit.base_models import load_base_model
+
+    return load_base_model("smollm2-135m", dtype="fp32")
+
+
+@pytest.fixture
+def fresh_smollm2_fp32():
+    from mixlora_lit.base_models import load_base_model
+
+    return load_base_model("smollm2-135m", dtype="fp32")

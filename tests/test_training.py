@@ -1,0 +1,52 @@
+"""What trains and what does not."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import batch, tiny_llama
+from mixlora_lit import MixLoraConfig, get_mixlora_model
+
+
+def test_base_frozen_adapters_train():
+    base = tiny_llama(dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = get_mixlora_model(base, MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2))
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert adapters and all(("lora_" in n or "moe_gate" in n) for n in adapters)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    ids, mask = batch()
+    for _ in range(2):  # B starts at zero, so A only gets a gradient from the second step on
+        out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        out.loss.backward()
+        for name, param in base.named_parameters():
+            if name in before:
+                assert param.grad is None, f"frozen {name} got a gradient"
+        opt.step()
+        opt.zero_grad()
+    for name, param in base.named_parameters():
+        if name in before:
+            assert torch.equal(param, before[name]), f"frozen {name} changed"
+    changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, adapters[n])}
+    assert changed == set(adapters), f"unchanged adapter tensors: {sorted(set(adapters) - changed)[:5]}"
+
+
+def test_dropout_is_off_in_eval_mode():
+    """The reference inference package leaves expert dropout on in eval; two eval forwards must agree."""
+    model = get_mixlora_model(tiny_llama(dtype=torch.float32), MixLoraConfig(r=4, lora_alpha=8, lora_dropout=0.5,
+                                                                            num_experts=4))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    ids, mask = batch()
+    model.eval()
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask).logits
+        b = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a, b)
+    model.train()
+    with torch.no_grad():
+        c = model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.equal(a, c)
