@@ -110,7 +110,8 @@ class MixLoraModel(nn.Module):
         super().__init__()
         self.base_model = base_model
         self.mixlora_config = config
-        self._last_attention_mask: torch.Tensor | None = None
+        self._last_attention_mask: tuple[torch.Tensor | None, object] | None = None
+        self._moe_layers = [m for m in base_model.modules() if isinstance(m, MixLoraMoeFFN)]
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -122,7 +123,7 @@ class MixLoraModel(nn.Module):
 
     # ------------------------------------------------------------------ structure
     def moe_layers(self) -> list[MixLoraMoeFFN]:
-        return [m for m in self.base_model.modules() if isinstance(m, MixLoraMoeFFN)]
+        return list(self._moe_layers)
 
     def set_execution_path(self, path: str) -> None:
         """'fused' (default) or 'reference' (each expert runs its whole FFN, the paper's formula)."""
@@ -160,7 +161,8 @@ class MixLoraModel(nn.Module):
             raise RuntimeError("aux_loss() needs a forward pass first")
         logits = [r.logits for r in routings]
         mask = self._token_mask(attention_mask, logits[0].shape[0])
-        self._last_attention_mask = mask
+        # Remember which forward this mask belongs to, so statistics never pair it with another one.
+        self._last_attention_mask = (mask, routings[0])
         cfg = self.mixlora_config
         loss = cfg.router_aux_loss_coef * load_balance_loss(logits, cfg.top_k, mask)
         if cfg.routing_strategy == "mixlora-switch" and cfg.router_z_loss_coef > 0:
@@ -175,13 +177,16 @@ class MixLoraModel(nn.Module):
         Padding tokens (attention mask 0) are not counted, nor tokens a switch router sent past
         an expert's capacity to the frozen FFN: each real token contributes `top_k` counts.
         """
+        layers = self.moe_layers()
+        if any(m.last_routing is None for m in layers):
+            raise RuntimeError("routing_statistics() needs a forward pass first")
+        mask = None
+        if self._last_attention_mask is not None and self._last_attention_mask[1] is layers[0].last_routing:
+            mask = self._last_attention_mask[0]  # else the last forward bypassed the wrapper: count all
         rows = []
-        for module in self.moe_layers():
-            if module.last_routing is None:
-                raise RuntimeError("routing_statistics() needs a forward pass first")
+        for module in layers:
             experts = module.last_routing.experts
             keep = torch.ones(experts.shape[0], dtype=torch.bool, device=experts.device)
-            mask = self._token_mask(self._last_attention_mask, experts.shape[0])
             if mask is not None:
                 keep = mask.reshape(-1).bool()
             chosen = experts[keep].reshape(-1)
