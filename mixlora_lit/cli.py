@@ -34,7 +34,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixlora-lit", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="mixlora-lit", description=__doc__,
+        epilog="Training: mixlora-lit fit|validate|test|predict --config CONFIG.yaml (LightningCLI; --help there).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     models = sub.add_parser("models", help="base models available offline")
@@ -67,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("fit", "validate", "test", "predict"):
+        from .lightning.cli import run
+
+        run(None if from_command_line else argv)
+        return 0
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -83,3 +83,16 @@ def smollm2_tokenizer():
     from mixlora_lit.base_models import load_tokenizer
 
     return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random Llama saved with the real SmolLM2 tokenizer: loads through the same path as a real base."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(dtype=torch.float32, vocab_size=len(smollm2_tokenizer), hidden_size=48, intermediate_size=96,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=1024, tie_word_embeddings=True)
+    model.config.eos_token_id = smollm2_tokenizer.eos_token_id
+    model.save_pretrained(out)
+    smollm2_tokenizer.save_pretrained(out)
+    return out

@@ -60,6 +60,13 @@ class MixtureBatchSampler:
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
+        self._skip = 0
+        # Lightning calls `dataloader.batch_sampler.sampler.set_epoch(epoch)` each epoch.
+        self.sampler = _EpochSetter(self)
+
+    def skip_next(self, batches: int) -> None:
+        """Skip the first `batches` batches of the next iteration (resuming mid-epoch exactly)."""
+        self._skip = batches
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -96,8 +103,18 @@ class MixtureBatchSampler:
         return batches[self.rank::self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
+        batches = self._batches()
+        skip, self._skip = self._skip, 0
+        return iter(batches[skip:])
 
     def __len__(self) -> int:
         # Windows hold a whole number of batches, so only the last batch of the epoch can be short.
         return math.ceil(math.ceil(self.num_samples / self.batch_size) / self.num_replicas)
+
+
+class _EpochSetter:
+    def __init__(self, owner: MixtureBatchSampler) -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)

@@ -120,14 +120,30 @@ class MultiTaskDataModule(pl.LightningDataModule):
                                    hp.temperature, hp.samples_per_epoch, hp.seed, hp.group_batches,
                                    num_replicas=num_replicas, rank=rank)
 
+    def _ranks(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.world_size, trainer.global_rank
+        return 1, 0
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["train"], batch_sampler=self.train_batch_sampler(),
+        world, rank = self._ranks()
+        sampler = self.train_batch_sampler(num_replicas=world, rank=rank)
+        if self.trainer is not None:
+            # Resuming mid-epoch: skip the batches this epoch already trained on, so the run continues exactly.
+            # A checkpoint written at the end of batch k counts it as processed (not yet "completed").
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if done:
+                sampler.skip_next(done)
+        return DataLoader(self.splits["train"], batch_sampler=sampler,
                           collate_fn=partial(collate_train, pad_id=self.pad_id),
                           num_workers=self.hparams.num_workers)
 
     def _eval_loader(self, split: str) -> DataLoader:
         # Sorted by length (stable, so tasks stay grouped within equal lengths): little padding, no shuffle.
-        data = sorted(self.splits[split], key=lambda e: len(e.input_ids))
+        # Under DDP each rank evaluates its own share; the metrics are summed across ranks.
+        world, rank = self._ranks()
+        data = sorted(self.splits[split], key=lambda e: len(e.input_ids))[rank::world]
         return DataLoader(data, batch_size=self.hparams.eval_batch_size, shuffle=False,
                           collate_fn=partial(collate_eval, pad_id=self.pad_id), num_workers=self.hparams.num_workers)
 

@@ -1,0 +1,192 @@
+"""`mixlora-lit fit|validate|test` end to end on a tiny model with the real data and tokenizer."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixlora_lit.lightning.cli import run
+from mixlora_lit.lightning.module import MixLoraLitModule
+
+TASKS = ["arc_easy", "arc_challenge", "boolq", "openbookqa", "piqa"]
+
+
+def _args(tiny_model_dir, prepared_data, root, *extra, method="mixlora", steps=3):
+    data_dir, _ = prepared_data
+    return ["fit", f"--model.base={tiny_model_dir}", "--model.base_dtype=fp32", f"--model.adapter.method={method}",
+            "--model.adapter.r=4", "--model.adapter.lora_alpha=8", "--model.adapter.num_experts=4",
+            "--model.optimizer.lr=1e-3", f"--data.data_dir={data_dir}", "--data.train_cap=24", "--data.dev_cap=6",
+            "--data.test_cap=6", "--data.batch_size=4", "--data.eval_batch_size=8", f"--trainer.max_steps={steps}",
+            f"--trainer.val_check_interval={steps}", "--trainer.num_sanity_val_steps=0",
+            "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root}", "--seed_everything=7",
+            *extra]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("method", ["mixlora", "mixlora-switch", "lora", "dora"])
+def test_fit_every_method_logs_metrics_and_saves_a_loadable_adapter(method, tiny_model_dir, prepared_data, tmp_path):
+    cli = run(_args(tiny_model_dir, prepared_data, tmp_path, method=method))
+    metrics = cli.trainer.callback_metrics
+    for task in TASKS:
+        assert f"val/{task}/acc" in metrics
+    assert "val/avg_acc" in metrics and "train/lm_loss" in metrics and "train/aux_loss" in metrics
+    if method.startswith("mixlora"):
+        assert metrics["train/aux_loss"] > 0 and "val/routing/load_entropy" in metrics
+    run_dir = Path(cli.trainer.log_dir)
+    adapter = run_dir / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (run_dir / "config.yaml").is_file()
+    trained = cli.model.model.eval()
+    from mixlora_lit.base_models import load_base_model
+
+    base, tok = load_base_model(str(tiny_model_dir), dtype="fp32")
+    if method.startswith("mixlora"):
+        from mixlora_lit import MixLoraModel
+
+        loaded = MixLoraModel.from_pretrained(base, adapter)
+    else:
+        from peft import PeftModel
+
+        loaded = PeftModel.from_pretrained(base, adapter).eval()
+    ids = tok(["Question: what is 2+2?\nAnswer:"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(loaded(**ids).logits, trained(**ids).logits, atol=1e-5)
+
+
+def test_matched_rank_baseline(tiny_model_dir, prepared_data, tmp_path):
+    cli = run(_args(tiny_model_dir, prepared_data, tmp_path, "--model.adapter.match_rank=true", method="lora",
+                    steps=1))
+    from mixlora_lit.baselines import lora_parameter_count, mixlora_parameter_count
+
+    module = cli.model
+    trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+    assert trainable == lora_parameter_count(module.model.get_base_model(), module.lora_rank)
+    assert module.lora_rank > 4 and module.lora_rank % 1 == 0
+
+
+def test_only_supervised_positions_reach_the_lm_head(tiny_model_dir, prepared_data, tmp_path):
+    cli = run(_args(tiny_model_dir, prepared_data, tmp_path, steps=1))
+    module = cli.model
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    rows = []
+    head = module.model.base_model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))
+    module.losses(batch)
+    hook.remove()
+    assert rows == [int((batch["labels"][:, 1:] != -100).sum())]
+    assert rows[0] < batch["attention_mask"].sum() / 5  # answers only, not prompts
+
+
+def test_checkpoint_holds_only_what_trains(tiny_model_dir, prepared_data, tmp_path):
+    cli = run(_args(tiny_model_dir, prepared_data, tmp_path, "--checkpoint.every_n_train_steps=3"))
+    ckpt = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    keys = set(ckpt["state_dict"])
+    trainable = {f"model.{n}" for n, p in cli.model.model.named_parameters() if p.requires_grad}
+    assert keys == trainable and all(("lora_" in k or "moe_gate" in k) for k in keys)
+    assert ckpt["optimizer_states"] and ckpt["lr_schedulers"] and "rng_state" in ckpt
+
+
+def test_resume_continues_exactly(tiny_model_dir, prepared_data, tmp_path):
+    """Steps 4-6 of a run resumed from a step-3 checkpoint equal those of an uninterrupted run (dropout on)."""
+    common = ("--model.adapter.lora_dropout=0.1", "--checkpoint.every_n_train_steps=3", "--data.train_cap=40")
+    full = run(_args(tiny_model_dir, prepared_data, tmp_path / "full", *common, steps=6))
+    first = run(_args(tiny_model_dir, prepared_data, tmp_path / "part", *common, steps=3))
+    ckpt = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    resumed = run(_args(tiny_model_dir, prepared_data, tmp_path / "part", *common, f"--ckpt_path={ckpt}", steps=6))
+
+    def losses(cli):
+        rows = _metrics(Path(cli.trainer.log_dir))
+        return {int(r["step"]): float(r["train/lm_loss"]) for r in rows if r.get("train/lm_loss")}
+
+    a, b = losses(full), losses(resumed)
+    assert sorted(b) == [3, 4, 5] and sorted(a) == [0, 1, 2, 3, 4, 5]
+    for step in (3, 4, 5):
+        assert a[step] == pytest.approx(b[step], abs=1e-6), (step, a[step], b[step])
+    assert len({round(v, 4) for v in a.values()}) > 3  # the loss moves: the comparison means something
+
+
+def test_validate_and_test_report_every_task(tiny_model_dir, prepared_data, tmp_path):
+    fit = run(_args(tiny_model_dir, prepared_data, tmp_path))
+    ckpt = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    for subcommand in ("validate", "test"):
+        args = _args(tiny_model_dir, prepared_data, tmp_path / subcommand, f"--ckpt_path={ckpt}")
+        args = [subcommand] + [a for a in args[1:] if not a.startswith(("--trainer.max_steps", "--trainer.val_check",
+                                                                          "--trainer.log_every"))]
+        cli = run(args)
+        stage = "val" if subcommand == "validate" else "test"
+        metrics = cli.trainer.callback_metrics
+        assert all(f"{stage}/{t}/acc" in metrics for t in TASKS) and f"{stage}/avg_acc" in metrics
+        expected = sum(metrics[f"{stage}/{t}/acc"] for t in TASKS) / 5
+        assert metrics[f"{stage}/avg_acc"].item() == pytest.approx(expected.item(), abs=1e-6)
+        if subcommand == "validate":  # the checkpoint was restored: same scores as at the end of fit
+            for t in TASKS:
+                assert metrics[f"val/{t}/acc"] == fit.trainer.callback_metrics[f"val/{t}/acc"]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_model_dir, prepared_data, tmp_path):
+    args = _args(tiny_model_dir, prepared_data, tmp_path, "--model.optimizer.lr=1e6", "--checkpoint.every_n_train_steps=1",
+                 "--data.train_cap=60", steps=40)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss or weights at global step (\d+)") as err:
+        run(args)
+    step = int(err.value.args[0].split("global step ")[1].split()[0])
+    assert step >= 1
+    ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == step
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--model.adapter.num_expert=4"], "num_expert"),
+    (["--model.adapter.method=moe"], "method"),
+    (["--model.adapter.top_k=9"], "top_k"),
+    (["--data.mixing=uniform"], "mixing"),
+    (["--model.base=smollm3-360m"], "base='smollm3-360m' is invalid"),
+    (["--data.tasks=[arc]"], "unknown task 'arc'"),
+])
+def test_bad_config_fails_before_loading_a_model(bad, message, tiny_model_dir, prepared_data, tmp_path, capsys):
+    from mixlora_lit.lightning import module as module_file
+
+    loads = []
+    original = module_file.load_base_model
+    module_file.load_base_model = lambda *a, **k: loads.append(1) or original(*a, **k)
+    try:
+        with pytest.raises((SystemExit, ValueError)) as err:
+            run(_args(tiny_model_dir, prepared_data, tmp_path, *bad))
+    finally:
+        module_file.load_base_model = original
+    text = str(err.value) + capsys.readouterr().err
+    assert message in text
+    assert not loads
+
+
+def test_ddp_two_cpu_processes(tiny_model_dir, prepared_data, tmp_path):
+    args = _args(tiny_model_dir, prepared_data, tmp_path, "--trainer.strategy=ddp", "--trainer.devices=2",
+                 "--trainer.accelerator=cpu", steps=2)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "mixlora_lit.cli", *args], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapters = list(tmp_path.rglob("adapter_model.safetensors"))
+    assert len(adapters) == 1
+    from mixlora_lit import MixLoraModel
+    from mixlora_lit.base_models import load_base_model
+
+    base, _ = load_base_model(str(tiny_model_dir), dtype="fp32")
+    model = MixLoraModel.from_pretrained(base, adapters[0].parent)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    assert "val/avg_acc" in (adapters[0].parent.parent / "metrics.csv").read_text()
+
+
+def test_module_rejects_bad_settings_directly():
+    with pytest.raises(ValueError, match=r"MixLoraConfig.top_k=3 is invalid"):
+        MixLoraLitModule(base="smollm2-135m", adapter={"method": "mixlora", "num_experts": 2, "top_k": 3})
