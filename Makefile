@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make demo` (quickstart) and `make test` (whole suite).
+# Two entry points for a fresh machine: `make demo` (the quickstart training run) and `make test`.
 # Both create .venv, install the pinned stack (torch 2.13.0 CPU on these machines) and the offline
 # model assets, and are idempotent: a second run only re-does what changed.
 SHELL := /bin/bash
@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup assets demo test clean
+.PHONY: setup assets demo library-demo test clean
 
 setup: $(DEPS_STAMP)
 
@@ -41,6 +41,9 @@ $(ASSETS_STAMP): $(DEPS_STAMP)
 	touch $@
 
 demo: assets
+	$(BIN)/mixlora-lit fit --config configs/quickstart.yaml
+
+library-demo: assets
 	$(BIN)/mixlora-lit demo
 
 test: assets

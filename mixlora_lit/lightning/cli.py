@@ -19,6 +19,8 @@ class MixLoraCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--validate_at_start", type=bool, default=False,
                             help="fit: run a full validation pass before the first step (the base model's score)")
+        parser.add_argument("--run_name", type=str | None, default=None,
+                            help="runs go to runs/<run_name>/version_N unless trainer.default_root_dir is set")
         parser.link_arguments("model.base", "data.tokenizer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
@@ -33,7 +35,8 @@ class MixLoraCLI(LightningCLI):
         if trainer_config.get("logger") in (None, True) and "logger" not in kwargs:
             from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-            root = trainer_config.get("default_root_dir") or "runs/default"
+            run_name = self._get(self.config_init, "run_name", default=None)
+            root = trainer_config.get("default_root_dir") or f"runs/{run_name or 'default'}"
             csv = CSVLogger(root, name="")
             kwargs["logger"] = [csv, TensorBoardLogger(root, name="", version=csv.version)]
         return super().instantiate_trainer(**kwargs)

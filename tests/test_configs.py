@@ -1,0 +1,68 @@
+"""The shipped configs parse, compose their shared parts, and the quickstart runs end to end (shortened)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mixlora_lit.lightning.cli import run
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = sorted((ROOT / "configs" / "paper").glob("table*/*/*.yaml"))
+
+
+def _resolved(config: Path, capsys) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", f"--config={config}", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_there_are_paper_configs_for_every_table_base_and_method():
+    names = {(p.parent.parent.name, p.parent.name, p.stem) for p in PAPER}
+    assert names == {(t, b, m) for t in ("table1", "table2") for b in ("smollm2-135m", "gemma3-270m", "llama2-7b")
+                     for m in ("mixlora", "lora", "dora")}
+
+
+@pytest.mark.parametrize("config", PAPER, ids=lambda p: "/".join(p.parts[-3:]))
+def test_paper_config_resolves_to_the_paper_protocol(config, capsys):
+    cfg = _resolved(config, capsys)
+    table, base, method = config.parts[-3], config.parent.name, config.stem
+    model, data, trainer = cfg["model"], cfg["data"], cfg["trainer"]
+    assert model["adapter"]["method"] == method
+    assert model["adapter"]["lora_dropout"] == 0.05
+    assert model["optimizer"]["lr"] == 2e-4 and model["optimizer"]["scheduler"] == "constant"
+    assert model["optimizer"]["weight_decay"] == 0.01 and trainer["max_epochs"] == 2
+    assert data["cutoff_len"] == 512 and data["batch_size"] == 16 and data["seed"] == 42
+    if method == "mixlora":
+        a = model["adapter"]
+        assert (a["r"], a["lora_alpha"], a["num_experts"], a["top_k"]) == (16, 32, 8, 2)
+    else:  # rank matched to MixLoRA 16 x 8: r=80 on LLaMA-2-7B (tests/test_baselines.py)
+        assert model["adapter"]["match_rank"] is True and model["adapter"]["num_experts"] == 8
+    expected_tasks = ["arc_easy", "arc_challenge", "boolq", "openbookqa", "piqa"] if table == "table2" else ["arc_easy"]
+    assert data["tasks"] == expected_tasks
+    assert model["base"] == {"llama2-7b": "meta-llama/Llama-2-7b-hf"}.get(base, base)
+    assert trainer["precision"] == ("bf16-mixed" if base == "llama2-7b" else "32-true")
+    assert cfg["run_name"] == f"paper/{table}/{base}/{method}"
+
+
+@pytest.mark.slow
+def test_quickstart_shortened_on_the_real_model_and_data(prepared_data, tmp_path):
+    data_dir, _ = prepared_data
+    cli = run(["fit", f"--config={ROOT / 'configs' / 'quickstart.yaml'}", "--trainer.max_steps=4",
+               "--trainer.val_check_interval=4", "--data.train_cap=16", "--data.dev_cap=8",
+               f"--data.data_dir={data_dir}", f"--trainer.default_root_dir={tmp_path}",
+               "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"])
+    run_dir = Path(cli.trainer.log_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["first"]["step"] == 0 and results["last"]["step"] == 4
+    tasks = ["arc_easy", "arc_challenge", "boolq", "openbookqa", "piqa"]
+    assert sorted(results["first"]["acc"]) == sorted(results["last"]["acc"]) == sorted(tasks)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "adapter" / "training_config.yaml").is_file()
+    metrics = (run_dir / "metrics.csv").read_text()
+    assert "train/tokens_per_sec" in metrics and "val/routing/load_entropy" in metrics
+    assert cli.model.mixlora_config.num_experts == 8 and cli.model.model.get_nb_trainable_parameters()[0] == 26_311_680
