@@ -26,6 +26,15 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluation.standalone import evaluate_saved
+
+    evaluate_saved(base=args.base, adapter=args.adapter, tasks=args.tasks, limit=args.limit, source=args.source,
+                   data_dir=args.data_dir, out=args.out, dtype=args.dtype, batch_size=args.batch_size,
+                   protocols=args.protocols, allow_base_mismatch=args.allow_base_mismatch)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -59,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     dprep.add_argument("--dev-max", type=int, default=500)
     dprep.add_argument("--force", action="store_true")
     dprep.set_defaults(func=_data_prepare)
+
+    ev = sub.add_parser("eval", help="lm-eval-harness and the paper's label-token accuracy on a saved adapter")
+    ev.add_argument("--base", required=True, help="base model alias, local directory or hub id")
+    ev.add_argument("--adapter", default=None, help="adapter directory (MixLoRA or PEFT); omit for the bare base")
+    ev.add_argument("--tasks", nargs="+", default=["arc_easy"], help="lm-eval task names")
+    ev.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
+    ev.add_argument("--source", choices=["local", "hub"], default="local",
+                    help="local task YAMLs over the prepared data (offline), or lm-eval's built-in tasks (hub)")
+    ev.add_argument("--protocols", nargs="+", choices=["lm_eval", "label_token"], default=["lm_eval", "label_token"])
+    ev.add_argument("--data-dir", default=None)
+    ev.add_argument("--out", default=None, help="results JSON (default runs/eval/<base>[-<adapter>].json)")
+    ev.add_argument("--dtype", default="fp32", help="base dtype for evaluation (fp32 default: faster here for lm-eval)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--allow-base-mismatch", action="store_true",
+                    help="evaluate even if the adapter names another base with the same shapes")
+    ev.set_defaults(func=_eval)
 
     demo = sub.add_parser("demo", help="inject MixLoRA into a real model, train a few steps, save and reload")
     demo.add_argument("--base", default="smollm2-135m")

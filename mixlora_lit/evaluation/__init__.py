@@ -1,0 +1,1 @@
+"""Evaluation outside training: lm-eval-harness and the paper's label-token accuracy (no Lightning)."""
