@@ -27,7 +27,9 @@ from .config import FFN_TARGETS, MixLoraConfig
 from .lora import LoraAdapter
 from .routers import Routing, SwitchRouter, TopKRouter
 
-EXECUTION_PATHS = ("fused", "reference")
+# `per_expert_down` (fused gate/up, W2 once per (token, expert)) is the reference code's fast path,
+# kept to measure what factoring W2 out of the sum buys.
+EXECUTION_PATHS = ("fused", "reference", "per_expert_down")
 
 
 class MoeProjection(nn.Module):
@@ -101,7 +103,7 @@ class MixLoraMoeFFN(nn.Module):
 
     def _down_is_factored(self) -> bool:
         down = getattr(self, "down_proj")
-        return not (isinstance(down, MoeProjection) and down.use_dora)
+        return self.execution != "per_expert_down" and not (isinstance(down, MoeProjection) and down.use_dora)
 
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -160,14 +162,14 @@ class MixLoraMoeFFN(nn.Module):
             xe, we = xs[sl], weights[sl]
             h = self.act_fn(self._project("gate_proj", e, xe, gs[sl])) * self._project("up_proj", e, xe, us[sl])
             adapter = self._expert("down_proj", e)
-            if factored or adapter is None:
+            if factored or (adapter is None and e == self.num_experts):
                 h_parts.append(h * we.to(h.dtype))
                 h_slices.append(sl)
                 if adapter is not None:
                     out_parts.append(adapter.delta(h) * we.to(adapter.dtype))
                     out_slices.append(sl)
-            else:  # DoRA down projection: W2 runs per (token, expert)
-                out = adapter.apply(h, down(h), down)
+            else:  # DoRA down projection (or per_expert_down): W2 runs per (token, expert)
+                out = down(h) if adapter is None else adapter.apply(h, down(h), down)
                 out_parts.append(out * we.to(out.dtype))
                 out_slices.append(sl)
 

@@ -1,0 +1,191 @@
+"""Training-step cost of MixLoRA side by side with its alternatives, on one batch and one base model.
+
+Methods (all forward + backward on the same token batch, LM loss over every position):
+  base             the frozen base alone, backward to the input embeddings (the floor every adapter pays)
+  lora             HF PEFT LoRA, rank --lora-rank (80: parameter-matched to 16 x 8) on q,k,v,o,gate,up,down
+  fused            our MixLoRA default path (--experts, --top-k, --rank, attention LoRA)
+  reference        our per-expert path: each routed expert runs its whole FFN (the paper's formula)
+  per_expert_down  fused gate/up, but the base down projection once per (token, expert): the
+                   reference code's fast path, to show what factoring W2 out of the sum buys
+
+Timing is interleaved (one step of each method per round) in one process, so machine noise hits
+all methods alike; medians and min-max over --repeats rounds. Peak memory is each method's whole
+process high-water mark (ru_maxrss), measured in a fresh subprocess per method, because a
+process's high-water mark only grows.
+
+    .venv/bin/python benchmarks/bench_step.py --json reports/bench.json --markdown reports/bench.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ("base", "lora", "fused", "reference", "per_expert_down")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--lora-rank", type=int, default=80)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--no-memory", action="store_true", help="skip the per-process peak-memory runs")
+    p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--markdown", default=None, help="write a Markdown table here")
+    p.add_argument("--_memory-of", dest="memory_of", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def build(method: str, args: argparse.Namespace):
+    """(model, step) for one method; step(ids) runs forward + backward and clears the gradients."""
+    import torch
+
+    from mixlora_lit import MixLoraConfig, get_mixlora_model
+    from mixlora_lit.base_models import load_base_model
+    from mixlora_lit.baselines import get_lora_model
+
+    torch.manual_seed(0)
+    model, _ = load_base_model(args.base, dtype=args.dtype)
+    if method == "lora":
+        model = get_lora_model(model, args.lora_rank, 2 * args.lora_rank, args.dropout)
+    elif method != "base":
+        config = MixLoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
+                               num_experts=args.experts, top_k=args.top_k)
+        model = get_mixlora_model(model, config)
+        model.set_execution_path(method)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(ids):
+        if method == "base":
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            loss = model(inputs_embeds=embeds, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        for p in params:
+            p.grad = None
+        return loss.item()
+
+    return model, step
+
+
+def batch_ids(args):
+    import torch
+
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randint(100, 40000, (args.batch, args.seq), generator=gen)
+
+
+def measure_memory(method: str, args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    _, step = build(method, args)
+    ids = batch_ids(args)
+    for _ in range(2):
+        step(ids)
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_memory(method: str, args) -> float:
+    cmd = [sys.executable, os.path.abspath(__file__), "--_memory-of", method, "--base", args.base,
+           "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype, "--experts", str(args.experts),
+           "--top-k", str(args.top_k), "--rank", str(args.rank), "--lora-rank", str(args.lora_rank),
+           "--dropout", str(args.dropout), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.memory_of:
+        measure_memory(args.memory_of, args)
+        return {}
+    import torch
+
+    torch.set_num_threads(args.threads)
+    ids = batch_ids(args)
+    steps = {}
+    for method in args.methods:
+        _, steps[method] = build(method, args)
+    times: dict[str, list[float]] = {m: [] for m in args.methods}
+    for round_ in range(args.warmup + args.repeats):
+        for method in args.methods:
+            start = time.perf_counter()
+            steps[method](ids)
+            if round_ >= args.warmup:
+                times[method].append(time.perf_counter() - start)
+        print(f"round {round_ + 1}/{args.warmup + args.repeats}: "
+              + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in args.methods if times[m]), flush=True)
+    tokens = args.batch * args.seq
+    results = {"settings": {k: v for k, v in vars(args).items() if k not in ("memory_of", "json", "markdown")},
+               "torch": torch.__version__, "methods": {}}
+    for method in args.methods:
+        t = times[method]
+        results["methods"][method] = {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
+                                      "tokens_per_s": tokens / statistics.median(t)}
+    if not args.no_memory:
+        for method in args.methods:
+            results["methods"][method]["peak_rss_mb"] = peak_memory(method, args)
+    m = results["methods"]
+
+    def ratio(a, b, key="median_s"):
+        return m[a][key] / m[b][key] if a in m and b in m and key in m[a] and key in m[b] else None
+
+    results["step_ratio_vs_lora"] = ratio("fused", "lora")
+    results["step_ratio_vs_reference"] = ratio("fused", "reference")
+    results["step_ratio_vs_base"] = ratio("fused", "base")
+    results["step_ratio_per_expert_down_vs_fused"] = ratio("per_expert_down", "fused")
+    results["peak_mem_ratio_vs_lora"] = ratio("fused", "lora", "peak_rss_mb")
+    table = markdown(results)
+    print(table)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w") as fh:
+            fh.write(table + "\n")
+    return results
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    lines = [f"{s['base']}, {s['dtype']}, batch {s['batch']} x {s['seq']}, {s['threads']} threads, "
+             f"MixLoRA {s['experts']} experts top-{s['top_k']} r={s['rank']}, LoRA r={s['lora_rank']}, "
+             f"median of {s['repeats']} interleaved steps (forward + backward)", "",
+             "| method | step (s) | min-max (s) | tokens/s | peak RSS (MB) | fused / this |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    fused = results["methods"].get("fused")
+    for name, r in results["methods"].items():
+        rel = f"{fused['median_s'] / r['median_s']:.2f}" if fused else "-"
+        mem = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
+        lines.append(f"| {name} | {r['median_s']:.2f} | {r['min_s']:.2f}-{r['max_s']:.2f} | {r['tokens_per_s']:.0f} "
+                     f"| {mem} | {rel} |")
+    lines.append("")
+    for key in ("step_ratio_vs_lora", "step_ratio_vs_reference", "step_ratio_vs_base", "peak_mem_ratio_vs_lora"):
+        value = results.get(key)
+        lines.append(f"- `{key}`: {value:.3f}" if value is not None else f"- `{key}`: n/a")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
