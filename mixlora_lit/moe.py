@@ -166,7 +166,7 @@ class MixLoraMoeFFN(nn.Module):
                 h_parts.append(h * we.to(h.dtype))
                 h_slices.append(sl)
                 if adapter is not None:
-                    out_parts.append(adapter.delta(h) * we.to(adapter.dtype))
+                    out_parts.append(adapter.delta(h) * we.to(h.dtype))
                     out_slices.append(sl)
             else:  # DoRA down projection (or per_expert_down): W2 runs per (token, expert)
                 out = down(h) if adapter is None else adapter.apply(h, down(h), down)

@@ -50,3 +50,19 @@ def test_dropout_is_off_in_eval_mode():
     with torch.no_grad():
         c = model(input_ids=ids, attention_mask=mask).logits
     assert not torch.equal(a, c)
+
+
+def test_fast_dropout_drops_the_requested_fraction_and_keeps_the_mean():
+    from mixlora_lit.lora import FastDropout
+
+    drop = FastDropout(0.05)
+    x = torch.ones(1000, 1000, dtype=torch.bfloat16)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 0.002
+    assert abs(y.float().mean().item() - 1.0) < 0.01
+    assert torch.equal(drop.eval()(x), x)
+    x = torch.ones(10, 10, requires_grad=True)
+    out = FastDropout(0.5).train()(x)
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # the gradient passes exactly where the value did
