@@ -133,6 +133,11 @@ class MixLoraMoeFFN(nn.Module):
             y.index_add_(0, tokens, out * weight.to(out.dtype))
         return y
 
+    def _shared_lowrank(self) -> list[str]:
+        """Gate/up projections whose experts are plain LoRA: their A matmuls can share one input."""
+        return [n for n in ("gate_proj", "up_proj")
+                if isinstance(getattr(self, n), MoeProjection) and not getattr(self, n).use_dora]
+
     def _forward_fused(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         num_tokens = x.shape[0]
         k = routing.experts.shape[1]
@@ -146,7 +151,31 @@ class MixLoraMoeFFN(nn.Module):
         tokens = order // k
         weights = routing.weights.reshape(-1)[order].unsqueeze(1)
         counts = torch.bincount(flat_experts, minlength=self.num_experts + 1).tolist()
-        xs, gs, us = x[tokens], gate_base[tokens], up_base[tokens]
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel(), device=order.device)  # sorted position of each (token, slot)
+        gs, us = _RowGather.apply(gate_base, tokens, inv, k), _RowGather.apply(up_base, tokens, inv, k)
+        # The gate and up LoRAs of every expert read the same token x: one dropout mask per token
+        # serves them all (drawn once per layer instead of once per expert and projection).
+        shared = self._shared_lowrank()
+        source = getattr(self, shared[0]).experts[0].lora_dropout(x) if shared else x
+        xs = _RowGather.apply(source, tokens, inv, k)
+        # Per-expert chunks via split, not slicing: the backward of a slice allocates a zero-filled
+        # gradient the size of the whole tensor for every expert; split's backward concatenates once.
+        xs_c, gs_c, us_c, w_c = (torch.split(t, counts) for t in (xs, gs, us, weights))
+
+        def gate_up(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+            xe, ge, ue = xs_c[e], gs_c[e], us_c[e]
+            if e >= self.num_experts or not shared:
+                return self._project("gate_proj", e, xe, ge), self._project("up_proj", e, xe, ue)
+            adapters = [getattr(self, n).experts[e] for n in shared]
+            a = F.linear(xe, torch.cat([ad.lora_A.weight for ad in adapters]).to(xe.dtype))  # [n, sum of r]
+            lows = torch.split(a, [ad.r for ad in adapters], dim=1)
+            outs = {name: (ge if name == "gate_proj" else ue)
+                    + F.linear(low, ad.lora_B.weight.to(low.dtype)).to(ge.dtype) * ad.scaling
+                    for name, ad, low in zip(shared, adapters, lows)}
+            gate = outs["gate_proj"] if "gate_proj" in outs else self._project("gate_proj", e, xe, ge)
+            up = outs["up_proj"] if "up_proj" in outs else self._project("up_proj", e, xe, ue)
+            return gate, up
 
         factored = self._down_is_factored()
         h_parts: list[torch.Tensor] = []  # w * h, summed per token and sent through W2 once
@@ -159,8 +188,9 @@ class MixLoraMoeFFN(nn.Module):
                 continue
             sl = slice(start, start + count)
             start += count
-            xe, we = xs[sl], weights[sl]
-            h = self.act_fn(self._project("gate_proj", e, xe, gs[sl])) * self._project("up_proj", e, xe, us[sl])
+            we = w_c[e]
+            gate, up = gate_up(e)
+            h = self.act_fn(gate) * up
             adapter = self._expert("down_proj", e)
             if factored or (adapter is None and e == self.num_experts):
                 h_parts.append(h * we.to(h.dtype))
@@ -176,8 +206,11 @@ class MixLoraMoeFFN(nn.Module):
         y = torch.zeros_like(x)
         if h_parts:
             h_tokens = _gather_slices(tokens, h_slices)
-            h_sum = torch.zeros(num_tokens, gate_base.shape[1], dtype=gate_base.dtype, device=x.device)
-            h_sum.index_add_(0, h_tokens, torch.cat(h_parts))
+            if len(h_tokens) == len(tokens):  # every assignment: each token's k rows, summed without scatter
+                h_sum = _RowSum.apply(torch.cat(h_parts), tokens, inv, k)
+            else:
+                h_sum = torch.zeros(num_tokens, gate_base.shape[1], dtype=gate_base.dtype, device=x.device)
+                h_sum = h_sum.index_add(0, h_tokens, torch.cat(h_parts))
             y = F.linear(h_sum, down.weight)
             if down.bias is not None:  # sum_i w_i b = (sum_i w_i) b over the factored assignments
                 w_sum = torch.zeros(num_tokens, 1, dtype=weights.dtype, device=x.device)
@@ -186,6 +219,50 @@ class MixLoraMoeFFN(nn.Module):
         if out_parts:
             y = y.index_add(0, _gather_slices(tokens, out_slices), torch.cat(out_parts).to(y.dtype))
         return y
+
+
+class _RowGather(torch.autograd.Function):
+    """rows = src[idx] where every row of src is picked exactly k times (top-k routing).
+
+    Autograd's own backward for indexing zero-fills a src-sized buffer and scatter-adds into it;
+    here the backward is a gather by the inverse permutation and a sum over the k copies.
+    """
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return src[idx]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inv,) = ctx.saved_tensors
+        return _sum_k(grad[inv], ctx.k), None, None, None
+
+
+class _RowSum(torch.autograd.Function):
+    """out[t] = sum of the k rows assigned to token t (the adjoint of `_RowGather`)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        return _sum_k(rows[inv], k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        return grad[idx], None, None, None
+
+
+def _sum_k(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """Sum consecutive groups of k rows ([T*k, F] -> [T, F])."""
+    grouped = rows.view(-1, k, rows.shape[-1])
+    if k == 1:
+        return grouped[:, 0]
+    out = grouped[:, 0] + grouped[:, 1]
+    for j in range(2, k):
+        out = out + grouped[:, j]
+    return out
 
 
 def _gather_slices(t: torch.Tensor, slices: list[slice]) -> torch.Tensor:
