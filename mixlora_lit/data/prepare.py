@@ -11,7 +11,6 @@ resumes where it stopped and a failed run deletes nothing already prepared.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -21,6 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..base_models import cache_dir
+from ..files import sha256_file
 from .sources import DataError, Record, directory_records, hub_records, iter_jsonl, olmo_records, validate_all
 from .tasks import get_task, resolve_tasks
 
@@ -35,14 +35,6 @@ def default_data_dir() -> Path:
 
 def dev_size(n_train: int, fraction: float, maximum: int) -> int:
     return min(maximum, int(round(n_train * fraction)))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(out: Path) -> dict[str, Any]:
