@@ -5,6 +5,7 @@ Methods (all forward + backward on the same token batch, LM loss over every posi
   lora             HF PEFT LoRA, rank --lora-rank (80: parameter-matched to 16 x 8) on q,k,v,o,gate,up,down
   fused            our MixLoRA default path (--experts, --top-k, --rank, attention LoRA)
   reference        our per-expert path: each routed expert runs its whole FFN (the paper's formula)
+  fused_recompute  the fused path recomputing the experts in backward (less memory)
   per_expert_down  fused gate/up, but the base down projection once per (token, expert): the
                    reference code's fast path, to show what factoring W2 out of the sum buys
 
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("base", "lora", "fused", "reference", "per_expert_down")
+METHODS = ("base", "lora", "fused", "fused_recompute", "reference", "per_expert_down")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,7 +69,8 @@ def build(method: str, args: argparse.Namespace):
         config = MixLoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
                                num_experts=args.experts, top_k=args.top_k)
         model = get_mixlora_model(model, config)
-        model.set_execution_path(method)
+        model.set_execution_path("fused" if method == "fused_recompute" else method)
+        model.set_recompute_experts(method == "fused_recompute")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -168,6 +170,8 @@ def main(argv=None) -> dict:
     results["step_ratio_vs_base"] = ratio("fused", "base")
     results["step_ratio_per_expert_down_vs_fused"] = ratio("per_expert_down", "fused")
     results["peak_mem_ratio_vs_lora"] = ratio("fused", "lora", "peak_rss_mb")
+    results["recompute_step_ratio_vs_lora"] = ratio("fused_recompute", "lora")
+    results["recompute_peak_mem_ratio_vs_lora"] = ratio("fused_recompute", "lora", "peak_rss_mb")
     table = markdown(results)
     print(table)
     if args.json:
@@ -195,7 +199,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {r['median_s']:.2f} | {r['min_s']:.2f}-{r['max_s']:.2f} | {r['tokens_per_s']:.0f} "
                      f"| {mem} | {rel} |")
     lines.append("")
-    for key in ("step_ratio_vs_lora", "step_ratio_vs_reference", "step_ratio_vs_base", "peak_mem_ratio_vs_lora"):
+    for key in ("step_ratio_vs_lora", "step_ratio_vs_reference", "step_ratio_vs_base", "peak_mem_ratio_vs_lora",
+                "recompute_step_ratio_vs_lora", "recompute_peak_mem_ratio_vs_lora"):
         value = results.get(key)
         lines.append(f"- `{key}`: {value:.3f}" if value is not None else f"- `{key}`: n/a")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from .config import FFN_TARGETS, MixLoraConfig
 from .lora import LoraLinear
 from .losses import load_balance_loss, router_z_loss
-from .moe import MixLoraMoeFFN, set_execution_path
+from .moe import MixLoraMoeFFN, set_execution_path, set_recompute_experts
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,10 @@ class MixLoraModel(nn.Module):
     def set_execution_path(self, path: str) -> None:
         """'fused' (default) or 'reference' (each expert runs its whole FFN, the paper's formula)."""
         set_execution_path(self.base_model, path)
+
+    def set_recompute_experts(self, enabled: bool = True) -> None:
+        """Keep fewer activations: recompute each layer's experts during backward (training only)."""
+        set_recompute_experts(self.base_model, enabled)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from .config import FFN_TARGETS, MixLoraConfig
@@ -62,6 +63,9 @@ class MixLoraMoeFFN(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.top_k
         self.execution = "fused"
+        # Recompute the experts in backward instead of keeping their [tokens x k, FFN] activations:
+        # MixLoRA's extra activation memory is per (token, expert); this trades compute for memory.
+        self.recompute_experts = False
         act = getattr(mlp, "act_fn", None)
         if act is None:
             if config.act_fn is None:
@@ -113,6 +117,9 @@ class MixLoraMoeFFN(nn.Module):
         self.last_routing = routing
         if self.execution == "reference":
             y = self._forward_reference(x, routing)
+        elif self.recompute_experts and self.training and torch.is_grad_enabled():
+            # Dropout masks are reproduced in the recomputation (the RNG state is restored).
+            y = checkpoint(self._forward_fused, x, routing, use_reentrant=False)
         else:
             y = self._forward_fused(x, routing)
         return y.reshape(shape)
@@ -280,6 +287,13 @@ def _gather_slices(t: torch.Tensor, slices: list[slice]) -> torch.Tensor:
                             and all(a.stop == b.start for a, b in zip(slices, slices[1:]))):
         return t[slices[0].start:slices[-1].stop]
     return torch.cat([t[sl] for sl in slices])
+
+
+def set_recompute_experts(model: nn.Module, enabled: bool = True) -> None:
+    """Recompute the fused expert computation in backward (less memory, some more compute)."""
+    for module in model.modules():
+        if isinstance(module, MixLoraMoeFFN):
+            module.recompute_experts = enabled
 
 
 def set_execution_path(model: nn.Module, path: str) -> None:

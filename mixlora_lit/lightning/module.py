@@ -107,11 +107,14 @@ class MixLoraLitModule(pl.LightningModule):
         optimizer: AdamW settings and the learning-rate schedule (`OptimizerSettings`).
         execution_path: `fused` (default) or `reference` (MixLoRA only; the paper's formula as written).
         gradient_checkpointing: recompute decoder layers in backward to save memory.
+        recompute_experts: recompute only the MixLoRA experts in backward (their per-(token, expert)
+            activations are MixLoRA's extra memory over LoRA; see benchmarks/README.md).
     """
 
     def __init__(self, base: str = "smollm2-135m", base_dtype: Literal["bf16", "fp32", "fp16"] = "bf16",
                  adapter: AdapterSettings = AdapterSettings(), optimizer: OptimizerSettings = OptimizerSettings(),
-                 execution_path: Literal["fused", "reference"] = "fused", gradient_checkpointing: bool = False) -> None:
+                 execution_path: Literal["fused", "reference"] = "fused", gradient_checkpointing: bool = False,
+                 recompute_experts: bool = False) -> None:
         super().__init__()
         if isinstance(adapter, dict):
             adapter = AdapterSettings(**adapter)
@@ -119,7 +122,8 @@ class MixLoraLitModule(pl.LightningModule):
             optimizer = OptimizerSettings(**optimizer)
         self.save_hyperparameters({"base": base, "base_dtype": base_dtype, "adapter": asdict(adapter),
                                    "optimizer": asdict(optimizer), "execution_path": execution_path,
-                                   "gradient_checkpointing": gradient_checkpointing})
+                                   "gradient_checkpointing": gradient_checkpointing,
+                                   "recompute_experts": recompute_experts})
         self.adapter, self.optim = adapter, optimizer
         _check_base(base)
         # Validate the adapter settings now, before any model is loaded.
@@ -152,6 +156,7 @@ class MixLoraLitModule(pl.LightningModule):
         if self.mixlora_config is not None:
             model = get_mixlora_model(base, self.mixlora_config)
             model.set_execution_path(hp.execution_path)
+            model.set_recompute_experts(hp.recompute_experts)
             self.lora_rank = a.r
         else:
             rank, alpha = a.r, a.lora_alpha
