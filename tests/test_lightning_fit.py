@@ -66,12 +66,17 @@ def test_fit_every_method_logs_metrics_and_saves_a_loadable_adapter(method, tiny
 def test_matched_rank_baseline(tiny_model_dir, prepared_data, tmp_path):
     cli = run(_args(tiny_model_dir, prepared_data, tmp_path, "--model.adapter.match_rank=true", method="lora",
                     steps=1))
+    from mixlora_lit import MixLoraConfig
     from mixlora_lit.baselines import lora_parameter_count, mixlora_parameter_count
 
     module = cli.model
+    base = module.model.get_base_model()
     trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
-    assert trainable == lora_parameter_count(module.model.get_base_model(), module.lora_rank)
-    assert module.lora_rank > 4 and module.lora_rank % 1 == 0
+    assert trainable == lora_parameter_count(base, module.lora_rank)
+    # The rank whose LoRA count is closest to MixLoRA r=4 x 4 experts on the same shapes.
+    budget = mixlora_parameter_count(base, MixLoraConfig(r=4, lora_alpha=8, num_experts=4))
+    per_rank = lora_parameter_count(base, 1)
+    assert module.lora_rank == round(budget / per_rank) and module.lora_rank > 4
 
 
 def test_only_supervised_positions_reach_the_lm_head(tiny_model_dir, prepared_data, tmp_path):
