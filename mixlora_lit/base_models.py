@@ -138,6 +138,21 @@ def prepare_alias(alias: str, force: bool = False) -> Path:
     return out
 
 
+def check_source(source: str) -> str:
+    """Classify a base-model source as 'alias', 'dir' or 'hub' without loading anything."""
+    if source in ALIASES:
+        return "alias"
+    if os.path.isdir(source):
+        return "dir"
+    if source.startswith((".", "/", "~")) or os.path.exists(source):
+        raise FileNotFoundError(f"base model {source!r} is not a model directory; expected an alias "
+                                f"{sorted(ALIASES)}, a local HF directory or a hub id")
+    if source.count("/") != 1:
+        raise ValueError(f"base model {source!r} is not an alias {sorted(ALIASES)}, a local model directory "
+                         f"or a hub id like 'meta-llama/Llama-2-7b-hf'")
+    return "hub"
+
+
 def load_base_model(source: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
                     trust_remote_code: bool = False):
     """Load (model, tokenizer) from an alias, a local HF directory or a hub id.
@@ -148,18 +163,13 @@ def load_base_model(source: str, dtype: str | torch.dtype | None = None, device:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
-    if source in ALIASES:
+    if check_source(source) == "alias":
         directory = converted_dir(source)
         if not (directory / _MARKER).is_file():
             directory = prepare_alias(source)
         path = str(directory)
-    elif os.path.isdir(source):
-        path = source
-    elif source.startswith((".", "/", "~")) or os.path.exists(source):
-        raise FileNotFoundError(f"base model {source!r} is not a model directory; expected an alias "
-                                f"{sorted(ALIASES)}, a local HF directory or a hub id")
     else:
-        path = source  # a hub id: transformers resolves it (needs the hub or its local cache)
+        path = source  # a local directory, or a hub id that transformers resolves
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -12,6 +12,13 @@ from mixlora_lit import MixLoraConfig, MixLoraModel, get_mixlora_model
 from mixlora_lit.adapter_io import REFERENCE_WEIGHTS_NAME, SAFETENSORS_NAME
 
 
+def _eval_logits(model):
+    model.eval()
+    ids, mask = batch()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
 def _trained(cfg=None, **base_kwargs):
     cfg = cfg or MixLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, num_experts=4, top_k=2)
     model = get_mixlora_model(tiny_llama(dtype=torch.float32, **base_kwargs), cfg)
@@ -26,17 +33,12 @@ def _trained(cfg=None, **base_kwargs):
 ])
 def test_save_load_round_trip_reproduces_logits_exactly(tmp_path, cfg):
     model = _trained(cfg)
-    model.eval()
-    ids, mask = batch()
-    with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=mask).logits
+    expected = _eval_logits(model)
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", SAFETENSORS_NAME]
     loaded = MixLoraModel.from_pretrained(tiny_llama(dtype=torch.float32), tmp_path)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
-    with torch.no_grad():
-        got = loaded(input_ids=ids, attention_mask=mask).logits
-    assert torch.equal(got, expected)
+    assert torch.equal(_eval_logits(loaded), expected)
     assert loaded.mixlora_config == model.mixlora_config
 
 
@@ -129,17 +131,13 @@ def test_corrupt_weights_file_is_named(tmp_path):
 
 def test_reference_bin_export_and_load(tmp_path):
     model = _trained()
-    model.eval()
-    ids, mask = batch()
-    with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=mask).logits
+    expected = _eval_logits(model)
     model.export_reference(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", REFERENCE_WEIGHTS_NAME]
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "MIXLORA" and config["act_fn"] == "silu" and config["lora_dropout"] > 0
     loaded = MixLoraModel.from_pretrained(tiny_llama(dtype=torch.float32), tmp_path)
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, expected)
+    assert torch.equal(_eval_logits(loaded), expected)
 
 
 def test_reference_package_reproduces_our_logits(tmp_path):

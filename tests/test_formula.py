@@ -55,6 +55,13 @@ def _paper_moe(sd, x, act, num_experts, top_k, scaling, dora=False, switch_capac
     return torch.stack(ys)
 
 
+def _layer_output(layer, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, layer(x)) for random fp64 token states."""
+    x = torch.randn(tokens, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return x, layer(x.unsqueeze(0)).squeeze(0)
+
+
 @pytest.mark.parametrize("family,act_name", [("llama", "silu"), ("gemma3", "gelu_pytorch_tanh")])
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("path", ["fused", "reference"])
@@ -65,9 +72,7 @@ def test_moe_layer_matches_paper_formula(family, act_name, top_k, path):
     randomize_adapters(model)
     model.set_execution_path(path)
     layer = model.moe_layers()[1]
-    x = torch.randn(11, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        got = layer(x.unsqueeze(0)).squeeze(0)
+    x, got = _layer_output(layer, 11, 5)
     expected = _paper_moe(layer.state_dict(), x, ACTS[act_name], 4, top_k, scaling=6 / 4)
     assert (got - expected).abs().max().item() < 1e-12
 
@@ -77,9 +82,7 @@ def test_dora_experts_match_formula():
                                                           top_k=2, use_dora=True), adapter_dtype=torch.float64)
     randomize_adapters(model)
     layer = model.moe_layers()[0]
-    x = torch.randn(7, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        got = layer(x.unsqueeze(0)).squeeze(0)
+    x, got = _layer_output(layer, 7, 2)
     expected = _paper_moe(layer.state_dict(), x, F.silu, 3, 2, scaling=2.0, dora=True)
     assert (got - expected).abs().max().item() < 1e-12
 
@@ -93,9 +96,7 @@ def test_switch_routing_returns_expert_outputs_in_inference_and_training(trainin
     randomize_adapters(model)
     model.train(training)
     layer = model.moe_layers()[0]
-    x = torch.randn(12, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        got = layer(x.unsqueeze(0)).squeeze(0)
+    x, got = _layer_output(layer, 12, 4)
     expected = _paper_moe(layer.state_dict(), x, F.silu, 3, 1, scaling=2.0, switch_capacity=3)
     assert (got - expected).abs().max().item() < 1e-12
     assert (got - x).abs().max().item() > 1e-3

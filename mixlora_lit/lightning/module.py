@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 
-from ..base_models import ALIASES, load_base_model
+from ..base_models import check_source, load_base_model
 from ..baselines import get_lora_model, matched_lora_rank
 from ..config import ALL_TARGETS, MixLoraConfig
 from ..data.encoding import label_token_predictions
@@ -400,8 +400,7 @@ def causal_lm(model: nn.Module) -> nn.Module:
 
 
 def _check_base(base: str) -> None:
-    if base in ALIASES or os.path.isdir(base):
-        return
-    if base.startswith((".", "/", "~")) or os.path.exists(base) or base.count("/") != 1:
-        raise ValueError(f"base={base!r} is invalid: expected an alias {sorted(ALIASES)}, a local model directory "
-                         f"or a hub id like 'meta-llama/Llama-2-7b-hf'")
+    try:
+        check_source(base)
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"base={base!r} is invalid: {err}") from err
