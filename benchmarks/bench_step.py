@@ -8,6 +8,8 @@ Methods (all forward + backward on the same token batch, LM loss over every posi
   fused_recompute  the fused path recomputing the experts in backward (less memory)
   per_expert_down  fused gate/up, but the base down projection once per (token, expert): the
                    reference code's fast path, to show what factoring W2 out of the sum buys
+  reference_code   the reference implementation itself (the `mixlora` 0.2.3 package, installed by
+                   `make test-deps`), given the same initial adapter weights: fp32 LoRA experts
 
 Timing is interleaved (one step of each method per round) in one process, so machine noise hits
 all methods alike; medians and min-max over --repeats rounds. Peak memory is each method's whole
@@ -28,7 +30,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("base", "lora", "fused", "fused_recompute", "reference", "per_expert_down")
+METHODS = ("base", "lora", "fused", "fused_recompute", "reference", "per_expert_down", "reference_code")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,22 +59,24 @@ def build(method: str, args: argparse.Namespace):
     """(model, step) for one method; step(ids) runs forward + backward and clears the gradients."""
     import torch
 
-    from mixlora_lit import MixLoraConfig, get_mixlora_model
+    from mixlora_lit import get_mixlora_model
     from mixlora_lit.base_models import load_base_model
     from mixlora_lit.baselines import get_lora_model
 
     torch.manual_seed(0)
     model, _ = load_base_model(args.base, dtype=args.dtype)
-    if method == "lora":
+    params = None
+    if method == "reference_code":
+        model, params = _reference_code_model(model, args)
+    elif method == "lora":
         model = get_lora_model(model, args.lora_rank, 2 * args.lora_rank, args.dropout)
     elif method != "base":
-        config = MixLoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
-                               num_experts=args.experts, top_k=args.top_k)
-        model = get_mixlora_model(model, config)
+        model = get_mixlora_model(model, _mixlora_config(args))
         model.set_execution_path("fused" if method == "fused_recompute" else method)
         model.set_recompute_experts(method == "fused_recompute")
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
 
     def step(ids):
         if method == "base":
@@ -86,6 +90,45 @@ def build(method: str, args: argparse.Namespace):
         return loss.item()
 
     return model, step
+
+
+def _mixlora_config(args):
+    from mixlora_lit import MixLoraConfig
+
+    return MixLoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
+                         num_experts=args.experts, top_k=args.top_k)
+
+
+def _reference_code_model(base, args):
+    """The reference package's MixLoRA on `base`, with the adapter weights our model starts from.
+
+    The reference keeps its experts in plain dicts and its router as a bare tensor, so their
+    parameters are collected here; it computes its LoRA in fp32 (its default dtype), as it would
+    for its own users.
+    """
+    import copy
+    import tempfile
+
+    import torch
+    from mixlora import inject_adapter_in_model, load_adapter_weights
+
+    from mixlora_lit import get_mixlora_model
+
+    ours = get_mixlora_model(copy.deepcopy(base), _mixlora_config(args))
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.export_reference(tmp)
+        config, weights = load_adapter_weights(tmp, device="cpu", dtype=torch.float32)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    inject_adapter_in_model(base, config, weights)
+    params = [p for p in base.parameters() if p.requires_grad]
+    for layer in base.model.layers:
+        moe = layer.mlp.mixlora_moes[config.adapter_name_]
+        moe.gate_.requires_grad_(True)
+        params.append(moe.gate_)
+        for expert in moe.experts_.values():
+            params += [expert.lora_A.weight, expert.lora_B.weight]
+    return base, params
 
 
 def batch_ids(args):

@@ -17,23 +17,35 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class FastDropout(nn.Module):
-    """Inverted dropout whose mask comes from 16-bit random integers instead of fp32 Bernoulli draws.
+def dropout_keep_mask(shape: torch.Size | tuple[int, ...], threshold: int, device: torch.device) -> torch.Tensor:
+    """A boolean keep-mask, each element kept with probability 1 - threshold / 2**16.
 
-    Random number generation dominates dropout on CPU; this is about twice as fast as `nn.Dropout`
-    for large activations. The drop probability is quantised to multiples of 2**-15.
+    The bits come from full-range 64-bit draws cut into four 16-bit lanes: random number generation
+    dominates dropout on CPU, and this draws a quarter as many numbers as one per element.
+    """
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
+    return (bits.view(torch.int16)[:n] >= threshold - 32768).view(shape)
+
+
+class FastDropout(nn.Module):
+    """Inverted dropout whose mask comes from 16-bit random lanes instead of fp32 Bernoulli draws.
+
+    About three times as fast as `nn.Dropout` for large activations on CPU. The drop probability is
+    quantised to multiples of 2**-16.
     """
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-        self._threshold = int(round(p * 32768))
+        self.threshold = int(round(p * 65536))
+        self.keep_scale = 65536.0 / (65536 - self.threshold) if self.threshold < 65536 else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self._threshold == 0:
+        if not self.training or self.threshold == 0:
             return x
-        keep = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_(0, 32768) >= self._threshold
-        return x * (keep.to(x.dtype) * (32768.0 / (32768 - self._threshold)))
+        keep = dropout_keep_mask(x.shape, self.threshold, x.device)
+        return x * (keep.to(x.dtype) * self.keep_scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -25,7 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from .config import FFN_TARGETS, MixLoraConfig
-from .lora import LoraAdapter
+from .kernels import ExpertPlan, FusedLoraExperts, RowGather, RowSum
+from .lora import FastDropout, LoraAdapter
 from .routers import Routing, SwitchRouter, TopKRouter
 
 # `per_expert_down` (fused gate/up, W2 once per (token, expert)) is the reference code's fast path,
@@ -145,6 +146,27 @@ class MixLoraMoeFFN(nn.Module):
         return [n for n in ("gate_proj", "up_proj")
                 if isinstance(getattr(self, n), MoeProjection) and not getattr(self, n).use_dora]
 
+    def _plain_lora_everywhere(self) -> bool:
+        """Gate, up and down all carry plain LoRA experts: the case `FusedLoraExperts` computes."""
+        return self.execution == "fused" and all(
+            isinstance(getattr(self, n), MoeProjection) and not getattr(self, n).use_dora for n in FFN_TARGETS)
+
+    def _forward_fused_experts(self, x, source, gate_base, up_base, routing, tokens, inv, weights, counts):
+        projections = [getattr(self, n) for n in FFN_TARGETS]  # gate, up, down
+        down = projections[2].experts[0]
+        dropout = down.lora_dropout
+        threshold = dropout.threshold if isinstance(dropout, FastDropout) and dropout.training else 0
+        plan = ExpertPlan(tokens, inv, routing.experts.shape[1], counts, self.num_experts, down.r,
+                          tuple(p.experts[0].scaling for p in projections), threshold, self.act_fn)
+        params = [w for e in range(self.num_experts) for p in projections
+                  for w in (p.experts[e].lora_A.weight, p.experts[e].lora_B.weight)]
+        h_sum, lora_sum = FusedLoraExperts.apply(source, gate_base, up_base, weights, plan, *params)
+        base_down = self._base("down_proj")
+        y = F.linear(h_sum, base_down.weight) + lora_sum
+        if base_down.bias is not None:  # sum_j w_j b: every assignment went through W2
+            y = y + routing.weights.sum(dim=1, keepdim=True).to(y.dtype) * base_down.bias
+        return y
+
     def _forward_fused(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         num_tokens = x.shape[0]
         k = routing.experts.shape[1]
@@ -160,12 +182,14 @@ class MixLoraMoeFFN(nn.Module):
         counts = torch.bincount(flat_experts, minlength=self.num_experts + 1).tolist()
         inv = torch.empty_like(order)
         inv[order] = torch.arange(order.numel(), device=order.device)  # sorted position of each (token, slot)
-        gs, us = _RowGather.apply(gate_base, tokens, inv, k), _RowGather.apply(up_base, tokens, inv, k)
+        gs, us = RowGather.apply(gate_base, tokens, inv, k), RowGather.apply(up_base, tokens, inv, k)
         # The gate and up LoRAs of every expert read the same token x: one dropout mask per token
         # serves them all (drawn once per layer instead of once per expert and projection).
         shared = self._shared_lowrank()
         source = getattr(self, shared[0]).experts[0].lora_dropout(x) if shared else x
-        xs = _RowGather.apply(source, tokens, inv, k)
+        if self._plain_lora_everywhere():
+            return self._forward_fused_experts(x, source, gate_base, up_base, routing, tokens, inv, weights, counts)
+        xs = RowGather.apply(source, tokens, inv, k)
         # Per-expert chunks via split, not slicing: the backward of a slice allocates a zero-filled
         # gradient the size of the whole tensor for every expert; split's backward concatenates once.
         xs_c, gs_c, us_c, w_c = (torch.split(t, counts) for t in (xs, gs, us, weights))
@@ -214,7 +238,7 @@ class MixLoraMoeFFN(nn.Module):
         if h_parts:
             h_tokens = _gather_slices(tokens, h_slices)
             if len(h_tokens) == len(tokens):  # every assignment: each token's k rows, summed without scatter
-                h_sum = _RowSum.apply(torch.cat(h_parts), tokens, inv, k)
+                h_sum = RowSum.apply(torch.cat(h_parts), tokens, inv, k)
             else:
                 h_sum = torch.zeros(num_tokens, gate_base.shape[1], dtype=gate_base.dtype, device=x.device)
                 h_sum = h_sum.index_add(0, h_tokens, torch.cat(h_parts))
@@ -226,60 +250,6 @@ class MixLoraMoeFFN(nn.Module):
         if out_parts:
             y = y.index_add(0, _gather_slices(tokens, out_slices), torch.cat(out_parts).to(y.dtype))
         return y
-
-
-class _RowGather(torch.autograd.Function):
-    """rows = src[idx] where every row of src is picked exactly k times (top-k routing).
-
-    Autograd's own backward for indexing zero-fills a src-sized buffer and scatter-adds into it;
-    here the backward is a gather by the inverse permutation and a sum over the k copies.
-    """
-
-    @staticmethod
-    def forward(ctx, src: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
-        ctx.save_for_backward(inv)
-        ctx.k = k
-        return _rows(src, idx)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inv,) = ctx.saved_tensors
-        return _sum_k(_rows(grad, inv), ctx.k), None, None, None
-
-
-class _RowSum(torch.autograd.Function):
-    """out[t] = sum of the k rows assigned to token t (the adjoint of `_RowGather`)."""
-
-    @staticmethod
-    def forward(ctx, rows: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
-        ctx.save_for_backward(idx)
-        return _sum_k(_rows(rows, inv), k)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (idx,) = ctx.saved_tensors
-        return _rows(grad, idx), None, None, None
-
-
-def _rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """src[idx] along dim 0, fast: contiguous rows copied as 8-byte words when they allow it
-    (advanced indexing of 2-byte rows is an order of magnitude slower on CPU)."""
-    src = src.contiguous()
-    width = src.shape[-1] * src.element_size()
-    if src.dim() == 2 and src.element_size() < 8 and width % 8 == 0 and src.data_ptr() % 8 == 0:
-        return src.view(torch.int64).index_select(0, idx).view(src.dtype)
-    return src.index_select(0, idx)
-
-
-def _sum_k(rows: torch.Tensor, k: int) -> torch.Tensor:
-    """Sum consecutive groups of k rows ([T*k, F] -> [T, F])."""
-    grouped = rows.view(-1, k, rows.shape[-1])
-    if k == 1:
-        return grouped[:, 0]
-    out = grouped[:, 0] + grouped[:, 1]
-    for j in range(2, k):
-        out = out + grouped[:, j]
-    return out
 
 
 def _gather_slices(t: torch.Tensor, slices: list[slice]) -> torch.Tensor:
