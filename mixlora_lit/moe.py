@@ -182,13 +182,13 @@ class MixLoraMoeFFN(nn.Module):
         counts = torch.bincount(flat_experts, minlength=self.num_experts + 1).tolist()
         inv = torch.empty_like(order)
         inv[order] = torch.arange(order.numel(), device=order.device)  # sorted position of each (token, slot)
-        gs, us = RowGather.apply(gate_base, tokens, inv, k), RowGather.apply(up_base, tokens, inv, k)
         # The gate and up LoRAs of every expert read the same token x: one dropout mask per token
         # serves them all (drawn once per layer instead of once per expert and projection).
         shared = self._shared_lowrank()
         source = getattr(self, shared[0]).experts[0].lora_dropout(x) if shared else x
         if self._plain_lora_everywhere():
             return self._forward_fused_experts(x, source, gate_base, up_base, routing, tokens, inv, weights, counts)
+        gs, us = RowGather.apply(gate_base, tokens, inv, k), RowGather.apply(up_base, tokens, inv, k)
         xs = RowGather.apply(source, tokens, inv, k)
         # Per-expert chunks via split, not slicing: the backward of a slice allocates a zero-filled
         # gradient the size of the whole tensor for every expert; split's backward concatenates once.

@@ -110,3 +110,32 @@ def test_eval_command_on_a_saved_adapter_and_bad_input(tiny_model_dir, prepared_
     assert main(["eval", "--base", "smollm2-135m", "--adapter", str(adapter), "--tasks", "arc_easy",
                  "--allow-base-mismatch", "--data-dir", str(data_dir), "--out", str(tmp_path / "x.json")]) == 2
     assert "has shape" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_label_token_accuracy_matches_predictions_from_full_logits(smollm2_fp32, smollm2_tokenizer, prepared_data):
+    """Projecting only the needed positions (logits_to_keep) picks what the full logits pick."""
+    import torch
+
+    from mixlora_lit.data.encoding import collate_eval, encode_records, label_token_predictions
+    from mixlora_lit.data.prepare import read_split
+    from mixlora_lit.evaluation.harness import _logits_at, label_token_accuracy
+
+    model, _ = smollm2_fp32
+    data_dir, _ = prepared_data
+    tasks = ["arc_easy", "boolq"]
+    scores = label_token_accuracy(model, smollm2_tokenizer, tasks, limit=12, data_dir=data_dir, batch_size=5)
+    for index, task in enumerate(tasks):
+        records = read_split(task, "test", data_dir)[:12]
+        examples = encode_records(records, smollm2_tokenizer, "paper", {t: i for i, t in enumerate(tasks)}, 512,
+                                  train=False)
+        batch = collate_eval(examples, smollm2_tokenizer.pad_token_id)  # one batch, all positions projected
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        preds = label_token_predictions(logits, batch["last_index"], batch["choice_ids"])
+        expected = (preds == batch["label"]).float().mean().item()
+        with torch.no_grad():
+            picked = _logits_at(model, batch["input_ids"], batch["attention_mask"], batch["last_index"])
+        assert len(set(batch["last_index"].tolist())) > 1  # rows of different lengths
+        full = logits[torch.arange(len(examples)), batch["last_index"]]
+        assert (picked - full).abs().max().item() < 1e-3
+        assert scores[task]["n"] == 12 and abs(scores[task]["acc"] - expected) < 1e-9
