@@ -8,6 +8,9 @@ Methods (all forward + backward on the same token batch, LM loss over every posi
   fused_recompute  the fused path recomputing the experts in backward (less memory)
   per_expert_down  fused gate/up, but the base down projection once per (token, expert): the
                    reference code's fast path, to show what factoring W2 out of the sum buys
+  lora_compiled, fused_compiled
+                   the same two after `module.compile()` (torch.compile; not in the default list: each
+                   compiles for about half a minute in its warm-up step)
   reference_code   the reference implementation itself (the `mixlora` 0.2.3 package, installed by
                    `make test-deps`), given the same initial adapter weights: fp32 LoRA experts
 
@@ -31,6 +34,7 @@ import sys
 import time
 
 METHODS = ("base", "lora", "fused", "fused_recompute", "reference", "per_expert_down", "reference_code")
+ALL_METHODS = METHODS + ("lora_compiled", "fused_compiled")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=ALL_METHODS)
     p.add_argument("--no-memory", action="store_true", help="skip the per-process peak-memory runs")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--markdown", default=None, help="write a Markdown table here")
@@ -63,6 +67,8 @@ def build(method: str, args: argparse.Namespace):
     from mixlora_lit.base_models import load_base_model
     from mixlora_lit.baselines import get_lora_model
 
+    compiled = method.endswith("_compiled")
+    method = method.removesuffix("_compiled")
     torch.manual_seed(0)
     model, _ = load_base_model(args.base, dtype=args.dtype)
     params = None
@@ -77,13 +83,15 @@ def build(method: str, args: argparse.Namespace):
     model.train()
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
+    if compiled:
+        model.compile()
 
     def step(ids):
         if method == "base":
             embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            loss = model(inputs_embeds=embeds, labels=ids).loss
+            loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
         else:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         for p in params:
             p.grad = None
@@ -215,6 +223,10 @@ def main(argv=None) -> dict:
     results["peak_mem_ratio_vs_lora"] = ratio("fused", "lora", "peak_rss_mb")
     results["recompute_step_ratio_vs_lora"] = ratio("fused_recompute", "lora")
     results["recompute_peak_mem_ratio_vs_lora"] = ratio("fused_recompute", "lora", "peak_rss_mb")
+    results["step_ratio_vs_reference_code"] = ratio("fused", "reference_code")
+    results["peak_mem_ratio_vs_reference_code"] = ratio("fused", "reference_code", "peak_rss_mb")
+    results["compiled_step_ratio_vs_lora_compiled"] = ratio("fused_compiled", "lora_compiled")
+    results["compiled_step_ratio_vs_fused"] = ratio("fused_compiled", "fused")
     table = markdown(results)
     print(table)
     if args.json:
@@ -243,7 +255,9 @@ def markdown(results: dict) -> str:
                      f"| {mem} | {rel} |")
     lines.append("")
     for key in ("step_ratio_vs_lora", "step_ratio_vs_reference", "step_ratio_vs_base", "peak_mem_ratio_vs_lora",
-                "recompute_step_ratio_vs_lora", "recompute_peak_mem_ratio_vs_lora"):
+                "recompute_step_ratio_vs_lora", "recompute_peak_mem_ratio_vs_lora", "step_ratio_vs_reference_code",
+                "peak_mem_ratio_vs_reference_code", "compiled_step_ratio_vs_lora_compiled",
+                "compiled_step_ratio_vs_fused"):
         value = results.get(key)
         lines.append(f"- `{key}`: {value:.3f}" if value is not None else f"- `{key}`: n/a")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     compiled = torch.compile(model)
 
     def compiled_step(x):
-        loss = compiled(input_ids=x, labels=x).loss
+        loss = compiled(input_ids=x, labels=x, use_cache=False).loss
         loss.backward()
         for p in params:
             p.grad = None

@@ -109,12 +109,15 @@ class MixLoraLitModule(pl.LightningModule):
         gradient_checkpointing: recompute decoder layers in backward to save memory.
         recompute_experts: recompute only the MixLoRA experts in backward (their per-(token, expert)
             activations are MixLoRA's extra memory over LoRA; see benchmarks/README.md).
+        compile: `torch.compile` the decoder (in place, so checkpoint and adapter keys do not change).
+            Needs a C++ compiler on CPU; the first steps of training and of validation compile
+            (tens of seconds). See benchmarks/README.md for what it buys.
     """
 
     def __init__(self, base: str = "smollm2-135m", base_dtype: Literal["bf16", "fp32", "fp16"] = "bf16",
                  adapter: AdapterSettings = AdapterSettings(), optimizer: OptimizerSettings = OptimizerSettings(),
                  execution_path: Literal["fused", "reference"] = "fused", gradient_checkpointing: bool = False,
-                 recompute_experts: bool = False) -> None:
+                 recompute_experts: bool = False, compile: bool = False) -> None:
         super().__init__()
         if isinstance(adapter, dict):
             adapter = AdapterSettings(**adapter)
@@ -123,7 +126,7 @@ class MixLoraLitModule(pl.LightningModule):
         self.save_hyperparameters({"base": base, "base_dtype": base_dtype, "adapter": asdict(adapter),
                                    "optimizer": asdict(optimizer), "execution_path": execution_path,
                                    "gradient_checkpointing": gradient_checkpointing,
-                                   "recompute_experts": recompute_experts})
+                                   "recompute_experts": recompute_experts, "compile": compile})
         self.adapter, self.optim = adapter, optimizer
         _check_base(base)
         # Validate the adapter settings now, before any model is loaded.
@@ -171,6 +174,8 @@ class MixLoraLitModule(pl.LightningModule):
         if hp.gradient_checkpointing:
             causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             causal_lm(model).enable_input_require_grads()
+        if hp.get("compile", False):
+            causal_lm(model).get_decoder().compile()
         self.model = model
         self.model.train(self.training)
 
