@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .lora import dropout_keep_mask
 
@@ -35,7 +36,13 @@ def sum_k(grouped_rows: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def rows_summed(sorted_rows: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
-    """Per token, the sum of its k sorted rows ([T*k, F] -> [T, F])."""
+    """Per token, the sum of its k sorted rows ([T*k, F] -> [T, F]).
+
+    `embedding_bag(mode="sum")` gathers and sums in one pass, without a [T*k, F] intermediate
+    (about twice as fast as gather-then-sum on CPU).
+    """
+    if sorted_rows.dim() == 2 and sorted_rows.is_floating_point():
+        return F.embedding_bag(inv.view(-1, k), sorted_rows.contiguous(), mode="sum")
     return sum_k(rows(sorted_rows, inv), k)
 
 
