@@ -12,11 +12,11 @@ Methods (all forward + backward on the same token batch, LM loss over every posi
                    the same two after `module.compile()` (torch.compile; not in the default list: each
                    compiles for about half a minute in its warm-up step)
   reference_code   the reference implementation itself (the `mixlora` 0.2.3 package, installed by
-                   `make test-deps`), given the same initial adapter weights: fp32 LoRA experts
+                   `make assets`), given the same initial adapter weights: fp32 LoRA experts
 
 Timing is interleaved (one step of each method per round) in one process, so machine noise hits
 all methods alike; medians and min-max over --repeats rounds. Peak memory is each method's whole
-process high-water mark (ru_maxrss), measured in a fresh subprocess per method, because a
+process high-water mark (VmHWM), measured first, in a fresh subprocess per method, because a
 process's high-water mark only grows.
 
     .venv/bin/python benchmarks/bench_step.py --json reports/bench.json --markdown reports/bench.md
@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lora-rank", type=int, default=80)
+    p.add_argument("--targets", nargs="+", default=None,
+                   help="MixLoRA target modules (default: q,k,v,o and the FFN); the FFN ones get experts")
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
@@ -103,8 +105,9 @@ def build(method: str, args: argparse.Namespace):
 def _mixlora_config(args):
     from mixlora_lit import MixLoraConfig
 
+    extra = {"target_modules": list(args.targets)} if args.targets else {}
     return MixLoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
-                         num_experts=args.experts, top_k=args.top_k)
+                         num_experts=args.experts, top_k=args.top_k, **extra)
 
 
 def _reference_code_model(base, args):
@@ -175,8 +178,12 @@ def peak_memory(method: str, args) -> float:
            "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype, "--experts", str(args.experts),
            "--top-k", str(args.top_k), "--rank", str(args.rank), "--lora-rank", str(args.lora_rank),
            "--dropout", str(args.dropout), "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
+    if args.targets:
+        cmd += ["--targets", *args.targets]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the peak-memory run of {method!r} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
 
 def main(argv=None) -> dict:
@@ -187,6 +194,12 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    # Memory first, while this process holds no model: the children then have the machine's memory.
+    peaks = {}
+    if not args.no_memory:
+        for method in args.methods:
+            peaks[method] = peak_memory(method, args)
+            print(f"peak memory {method}: {peaks[method]:.0f} MB", flush=True)
     ids = batch_ids(args)
     steps = {}
     for method in args.methods:
@@ -207,10 +220,8 @@ def main(argv=None) -> dict:
         t = times[method]
         results["methods"][method] = {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
                                       "tokens_per_s": tokens / statistics.median(t)}
-    if not args.no_memory:
-        for method in args.methods:
-            results["methods"][method]["peak_rss_mb"] = peak_memory(method, args)
-            print(f"peak memory {method}: {results['methods'][method]['peak_rss_mb']:.0f} MB", flush=True)
+    for method, peak in peaks.items():
+        results["methods"][method]["peak_rss_mb"] = peak
     m = results["methods"]
 
     def ratio(a, b, key="median_s"):
@@ -244,7 +255,8 @@ def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [f"{s['base']}, {s['dtype']}, batch {s['batch']} x {s['seq']}, {s['threads']} threads, "
              f"MixLoRA {s['experts']} experts top-{s['top_k']} r={s['rank']}, LoRA r={s['lora_rank']}, "
-             f"median of {s['repeats']} interleaved steps (forward + backward)", "",
+             f"median of {s['repeats']} interleaved steps (forward + backward)"
+             + (f", MixLoRA targets {' '.join(s['targets'])}" if s.get("targets") else ""), "",
              "| method | step (s) | min-max (s) | tokens/s | peak RSS (MB) | fused / this |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     fused = results["methods"].get("fused")
