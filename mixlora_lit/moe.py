@@ -67,6 +67,9 @@ class MixLoraMoeFFN(nn.Module):
         # Recompute the experts in backward instead of keeping their [tokens x k, FFN] activations:
         # MixLoRA's extra activation memory is per (token, expert); this trades compute for memory.
         self.recompute_experts = False
+        # Without autograd (evaluation, generation), run every expert's low-rank product densely
+        # and mask: no sorting, gathers or per-expert loop, which dominate at inference batch sizes.
+        self.dense_inference = True
         act = getattr(mlp, "act_fn", None)
         if act is None:
             if config.act_fn is None:
@@ -118,6 +121,8 @@ class MixLoraMoeFFN(nn.Module):
         self.last_routing = routing
         if self.execution == "reference":
             y = self._forward_reference(x, routing)
+        elif self.dense_inference and not torch.is_grad_enabled() and self._plain_lora_everywhere():
+            y = self._forward_dense_inference(x, routing)
         elif self.recompute_experts and self.training and torch.is_grad_enabled():
             # Dropout masks are reproduced in the recomputation (the RNG state is restored).
             y = checkpoint(self._forward_fused, x, routing, use_reentrant=False)
@@ -150,6 +155,41 @@ class MixLoraMoeFFN(nn.Module):
         """Gate, up and down all carry plain LoRA experts: the case `FusedLoraExperts` computes."""
         return self.execution == "fused" and all(
             isinstance(getattr(self, n), MoeProjection) and not getattr(self, n).use_dora for n in FFN_TARGETS)
+
+    def _forward_dense_inference(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The fused formula for inference, with the experts' LoRA products as masked dense matmuls.
+
+        Each of the T*k rows (token t, slot j) computes A x for all E experts at once ([N, E*r]),
+        zeroes every block but its expert's, and multiplies by the experts' B matrices laid side by
+        side ([E*r, F]): the same sum as the routed expert's B A x, in a few large matmuls. The
+        extra work (E-fold on the rank-r products) is small next to the frozen FFN at these ranks.
+        """
+        projections = [getattr(self, n) for n in FFN_TARGETS]  # gate, up, down
+        dtype, num_tokens, k = x.dtype, x.shape[0], routing.experts.shape[1]
+        if self.training and any(isinstance(p.experts[0].lora_dropout, FastDropout) for p in projections):
+            return self._forward_fused(x, routing)  # dropout is active in training mode, even without grad
+        a = [torch.cat([e.lora_A.weight for e in p.experts]).to(dtype) for p in projections]  # [E*r, in]
+        b = [torch.cat([e.lora_B.weight for e in p.experts], dim=1).to(dtype) for p in projections]  # [out, E*r]
+        scalings = [p.experts[0].scaling for p in projections]
+        r = projections[0].experts[0].r
+        experts = routing.experts.reshape(-1)  # [N]; index E is the frozen FFN alone (no LoRA)
+        select = F.one_hot(experts, self.num_experts + 1)[:, :self.num_experts].to(dtype)
+        select = select.repeat_interleave(r, dim=1)  # [N, E*r]
+        gate_base = self._base("gate_proj")(x).repeat_interleave(k, dim=0)
+        up_base = self._base("up_proj")(x).repeat_interleave(k, dim=0)
+        low = F.linear(x, torch.cat([a[0], a[1]])).repeat_interleave(k, dim=0)  # [N, 2*E*r]
+        low_g, low_u = low.split(a[0].shape[0], dim=1)
+        gate = torch.addmm(gate_base, low_g * select, b[0].t(), alpha=scalings[0])
+        up = torch.addmm(up_base, low_u * select, b[1].t(), alpha=scalings[1])
+        h = self.act_fn(gate) * up  # [N, F]
+        lora_down = F.linear(F.linear(h, a[2]) * select, b[2]) * scalings[2]  # [N, H]
+        w = routing.weights.to(dtype).reshape(num_tokens, k, 1)
+        h_sum = (h.view(num_tokens, k, -1) * w).sum(dim=1)
+        base_down = self._base("down_proj")
+        y = F.linear(h_sum, base_down.weight) + (lora_down.view(num_tokens, k, -1) * w).sum(dim=1)
+        if base_down.bias is not None:
+            y = y + w.sum(dim=1) * base_down.bias
+        return y
 
     def _forward_fused_experts(self, x, source, gate_base, up_base, routing, tokens, inv, weights, counts):
         projections = [getattr(self, n) for n in FFN_TARGETS]  # gate, up, down

@@ -37,6 +37,24 @@ def _compare(model, ids, mask, paths=("fused", "per_expert_down")):
         for name in ref_grads:
             diff = (fused_grads[name] - ref_grads[name]).abs().max().item()
             assert diff <= TOL, f"{path}: gradient of {name} differs by {diff}"
+    # Without autograd (evaluation, generation) the default path is the dense masked one.
+    from mixlora_lit.moe import MixLoraMoeFFN
+
+    original, calls = MixLoraMoeFFN._forward_dense_inference, []
+
+    def spy(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    MixLoraMoeFFN._forward_dense_inference = spy
+    try:
+        model.set_execution_path("fused")
+        with torch.no_grad():
+            dense_logits = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        MixLoraMoeFFN._forward_dense_inference = original
+    assert (dense_logits - ref_logits).abs().max().item() <= TOL
+    assert bool(calls) == all(m._plain_lora_everywhere() for m in model.moe_layers())
     nonzero = 0
     for name in ref_grads:
         nonzero += bool(ref_grads[name].abs().max() > 0)

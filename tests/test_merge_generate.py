@@ -46,20 +46,21 @@ def test_merge_unmerge_round_trip():
 
 
 def test_generate_uses_the_mixlora_layers_and_matches_merged_model(monkeypatch):
-    from mixlora_lit import kernels
+    from mixlora_lit.moe import MixLoraMoeFFN
 
     model = _model()
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     prompt = torch.tensor([[5, 17, 42, 8]])
     calls, kernel_calls = [], []
-    original = kernels.FusedLoraExperts.apply
-    monkeypatch.setattr(kernels.FusedLoraExperts, "apply", lambda *a: kernel_calls.append(1) or original(*a))
+    original = MixLoraMoeFFN._forward_dense_inference
+    monkeypatch.setattr(MixLoraMoeFFN, "_forward_dense_inference",
+                        lambda self, *a: kernel_calls.append(1) or original(self, *a))
     hook = model.moe_layers()[0].register_forward_hook(lambda *a: calls.append(1))
     out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
                          do_sample=False, pad_token_id=0)
     hook.remove()
     assert out.shape == (1, 10) and len(calls) == 6  # one prefill + 5 cached steps
-    # Every MoE layer of every step ran the fused experts kernel (the default path).
+    # Every MoE layer of every step ran the fused formula's inference form (dense masked experts).
     assert len(kernel_calls) == 6 * len(model.moe_layers())
     # Cached step-by-step generation agrees with a full forward over the generated sequence.
     with torch.no_grad():
