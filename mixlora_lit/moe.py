@@ -175,18 +175,23 @@ class MixLoraMoeFFN(nn.Module):
         experts = routing.experts.reshape(-1)  # [N]; index E is the frozen FFN alone (no LoRA)
         select = F.one_hot(experts, self.num_experts + 1)[:, :self.num_experts].to(dtype)
         select = select.repeat_interleave(r, dim=1)  # [N, E*r]
-        gate_base = self._base("gate_proj")(x).repeat_interleave(k, dim=0)
-        up_base = self._base("up_proj")(x).repeat_interleave(k, dim=0)
         low = F.linear(x, torch.cat([a[0], a[1]])).repeat_interleave(k, dim=0)  # [N, 2*E*r]
         low_g, low_u = low.split(a[0].shape[0], dim=1)
-        gate = torch.addmm(gate_base, low_g * select, b[0].t(), alpha=scalings[0])
-        up = torch.addmm(up_base, low_u * select, b[1].t(), alpha=scalings[1])
-        h = self.act_fn(gate) * up  # [N, F]
-        lora_down = F.linear(F.linear(h, a[2]) * select, b[2]) * scalings[2]  # [N, H]
-        w = routing.weights.to(dtype).reshape(num_tokens, k, 1)
-        h_sum = (h.view(num_tokens, k, -1) * w).sum(dim=1)
+        # [T, k, F] per slot: the frozen output (once per token, broadcast) plus the expert's delta.
+        gate = ((low_g * select) @ b[0].t()).view(num_tokens, k, -1).mul_(scalings[0])
+        gate += self._base("gate_proj")(x).unsqueeze(1)
+        up = ((low_u * select) @ b[1].t()).view(num_tokens, k, -1).mul_(scalings[1])
+        up += self._base("up_proj")(x).unsqueeze(1)
+        h = self.act_fn(gate).mul_(up)  # [T, k, F]
+        lora_down = (F.linear(F.linear(h.view(num_tokens * k, -1), a[2]) * select, b[2])
+                     .view(num_tokens, k, -1).mul_(scalings[2]))  # [T, k, H]
+        w = routing.weights.to(dtype).unsqueeze(2)  # [T, k, 1]
+        h_sum, lora_sum = h[:, 0] * w[:, 0], lora_down[:, 0] * w[:, 0]
+        for j in range(1, k):  # a loop over the k slots: reducing the middle dim is slow on CPU
+            h_sum.addcmul_(h[:, j], w[:, j])
+            lora_sum.addcmul_(lora_down[:, j], w[:, j])
         base_down = self._base("down_proj")
-        y = F.linear(h_sum, base_down.weight) + (lora_down.view(num_tokens, k, -1) * w).sum(dim=1)
+        y = F.linear(h_sum, base_down.weight) + lora_sum
         if base_down.bias is not None:
             y = y + w.sum(dim=1) * base_down.bias
         return y
