@@ -79,6 +79,12 @@ class RowSum(torch.autograd.Function):
         return rows(grad, idx), None, None, None
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in here: autocast's when it is on (mixed precision), else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class ExpertPlan:
     """What `FusedLoraExperts` needs besides tensors: the routing layout and the LoRA constants."""
 
@@ -161,6 +167,12 @@ class FusedLoraExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_h_sum: torch.Tensor, grad_lora_sum: torch.Tensor):
+        # Everything here runs in the forward's dtype, whatever autocast state backward is called in.
+        with torch.autocast(grad_h_sum.device.type, enabled=False):
+            return FusedLoraExperts._backward(ctx, grad_h_sum, grad_lora_sum)
+
+    @staticmethod
+    def _backward(ctx, grad_h_sum: torch.Tensor, grad_lora_sum: torch.Tensor):
         plan: ExpertPlan = ctx.plan
         x, g, u, weights, keep, *params = ctx.saved_tensors
         dtype = g.dtype

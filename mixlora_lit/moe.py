@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from .config import FFN_TARGETS, MixLoraConfig
-from .kernels import ExpertPlan, FusedLoraExperts, RowGather, RowSum
+from .kernels import ExpertPlan, FusedLoraExperts, RowGather, RowSum, compute_dtype
 from .lora import FastDropout, LoraAdapter
 from .routers import Routing, SwitchRouter, TopKRouter
 
@@ -143,7 +143,7 @@ class MixLoraMoeFFN(nn.Module):
             h = self.act_fn(gate) * up
             out = self._project("down_proj", e, h, self._base("down_proj")(h))
             weight = routing.weights[tokens, slot].unsqueeze(1)
-            y.index_add_(0, tokens, out * weight.to(out.dtype))
+            y.index_add_(0, tokens, (out * weight.to(out.dtype)).to(y.dtype))
         return y
 
     def _shared_lowrank(self) -> list[str]:
@@ -165,7 +165,7 @@ class MixLoraMoeFFN(nn.Module):
         extra work (E-fold on the rank-r products) is small next to the frozen FFN at these ranks.
         """
         projections = [getattr(self, n) for n in FFN_TARGETS]  # gate, up, down
-        dtype, num_tokens, k = x.dtype, x.shape[0], routing.experts.shape[1]
+        dtype, num_tokens, k = compute_dtype(x), x.shape[0], routing.experts.shape[1]
         if self.training and any(isinstance(p.experts[0].lora_dropout, FastDropout) for p in projections):
             return self._forward_fused(x, routing)  # dropout is active in training mode, even without grad
         a = [torch.cat([e.lora_A.weight for e in p.experts]).to(dtype) for p in projections]  # [E*r, in]
@@ -205,7 +205,12 @@ class MixLoraMoeFFN(nn.Module):
                           tuple(p.experts[0].scaling for p in projections), threshold, self.act_fn)
         params = [w for e in range(self.num_experts) for p in projections
                   for w in (p.experts[e].lora_A.weight, p.experts[e].lora_B.weight)]
-        h_sum, lora_sum = FusedLoraExperts.apply(source, gate_base, up_base, weights, plan, *params)
+        # Under mixed precision (autocast) the inputs arrive in mixed dtypes: run the experts in
+        # autocast's dtype, with autocast off inside (the kernel casts the fp32 masters itself).
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            h_sum, lora_sum = FusedLoraExperts.apply(source.to(dtype), gate_base.to(dtype), up_base.to(dtype),
+                                                     weights, plan, *params)
         base_down = self._base("down_proj")
         y = F.linear(h_sum, base_down.weight) + lora_sum
         if base_down.bias is not None:  # sum_j w_j b: every assignment went through W2

@@ -135,3 +135,34 @@ def test_recomputing_experts_gives_the_same_gradients_in_training_with_dropout()
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_mixed_precision_autocast_runs_and_is_as_accurate_as_the_reference_path():
+    """fp32 weights under bf16 autocast (Lightning's `precision: bf16-mixed`): the fused kernel (with
+    grad) and the dense inference path run, and are as close to the fp32 result as the reference path."""
+    model = get_mixlora_model(tiny_llama(dtype=torch.float32),
+                              MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2, lora_dropout=0.0))
+    randomize_adapters(model)
+    ids, mask = batch()
+
+    def run(path, autocast):
+        model.set_execution_path(path)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=ids, attention_mask=mask)
+            loss = out.logits.float().pow(2).mean() + out.aux_loss
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        return grads, logits
+
+    exact_grads, exact_logits = run("fused", autocast=False)
+    errors = {}
+    for path in ("reference", "fused"):
+        grads, logits = run(path, autocast=True)
+        assert torch.isfinite(grads).all() and grads.numel() == exact_grads.numel()
+        errors[path] = ((grads - exact_grads).norm() / exact_grads.norm()).item(), \
+            ((logits - exact_logits).norm() / exact_logits.norm()).item()
+    for i in range(2):  # gradients, then logits
+        assert 0 < errors["fused"][i] <= 1.5 * errors["reference"][i] + 0.01, errors
