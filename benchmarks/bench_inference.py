@@ -16,10 +16,12 @@ changes weights for real; the script checks that merged and unmerged give the sa
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
+import sys
 import time
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_step import write_outputs  # noqa: E402
 
 MODELS = ("base", "mixlora", "merged")
 
@@ -119,11 +121,7 @@ def main(argv=None) -> dict:
     results["merged_same_label_token_acc"] = outputs["merged"][0] == outputs["mixlora"][0]
     table = markdown(results)
     print(table)
-    for path, text in ((args.json, json.dumps(results, indent=1)), (args.markdown, table + "\n")):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as fh:
-                fh.write(text)
+    write_outputs(results, table, args.json, args.markdown)
     return results
 
 

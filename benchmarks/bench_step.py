@@ -240,15 +240,17 @@ def main(argv=None) -> dict:
     results["compiled_step_ratio_vs_fused"] = ratio("fused_compiled", "fused")
     table = markdown(results)
     print(table)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
-    if args.markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w") as fh:
-            fh.write(table + "\n")
+    write_outputs(results, table, args.json, args.markdown)
     return results
+
+
+def write_outputs(results: dict, table: str, json_path: str | None, markdown_path: str | None) -> None:
+    """The figures as JSON and the table as Markdown, each where asked (creating the folder)."""
+    for path, text in ((json_path, json.dumps(results, indent=1)), (markdown_path, table + "\n")):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as fh:
+                fh.write(text)
 
 
 def markdown(results: dict) -> str:

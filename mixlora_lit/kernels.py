@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .lora import dropout_keep_mask
+from .lora import dropout_keep_mask, keep_scale
 
 
 def rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -24,26 +24,13 @@ def rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return src.index_select(0, idx)
 
 
-def sum_k(grouped_rows: torch.Tensor, k: int) -> torch.Tensor:
-    """Sum consecutive groups of k rows ([T*k, F] -> [T, F])."""
-    grouped = grouped_rows.view(-1, k, grouped_rows.shape[-1])
-    if k == 1:
-        return grouped[:, 0]
-    out = grouped[:, 0] + grouped[:, 1]
-    for j in range(2, k):
-        out += grouped[:, j]
-    return out
-
-
 def rows_summed(sorted_rows: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
     """Per token, the sum of its k sorted rows ([T*k, F] -> [T, F]).
 
     `embedding_bag(mode="sum")` gathers and sums in one pass, without a [T*k, F] intermediate
     (about twice as fast as gather-then-sum on CPU).
     """
-    if sorted_rows.dim() == 2 and sorted_rows.is_floating_point():
-        return F.embedding_bag(inv.view(-1, k), sorted_rows.contiguous(), mode="sum")
-    return sum_k(rows(sorted_rows, inv), k)
+    return F.embedding_bag(inv.view(-1, k), sorted_rows.contiguous(), mode="sum")
 
 
 class RowGather(torch.autograd.Function):
@@ -149,7 +136,7 @@ class FusedLoraExperts(torch.autograd.Function):
         lora_out = torch.empty(h.shape[0], x.shape[1], dtype=dtype, device=x.device)
         lora_out[h.shape[0] - plan.frozen_rows:].zero_()  # the frozen-FFN block has no down LoRA
         lows_d: dict[int, torch.Tensor] = {}
-        scale = _keep_scale(plan.dropout_threshold)
+        scale = keep_scale(plan.dropout_threshold)
         for e, sl in plan.blocks():
             a_d, b_d = (p.to(dtype) for p in params[6 * e + 4:6 * e + 6])
             # The dropout's 1 / (1 - p) is folded into the small A matrix.
@@ -188,14 +175,15 @@ class FusedLoraExperts(torch.autograd.Function):
         grad_w = (grad_hw * h).sum(dim=1, keepdim=True).to(acc)
         grad_h = grad_hw.mul_(w)  # d/dh through the W2 path (grad_hw is not used again)
         grad_params: list[torch.Tensor | None] = [None] * len(params)
-        scale = _keep_scale(plan.dropout_threshold)
+        scale = keep_scale(plan.dropout_threshold)
         for e, sl in plan.blocks():
             a_d, b_d = (p.to(dtype) for p in params[6 * e + 4:6 * e + 6])
             low = ctx.lows_d[e]
             t = grad_lora[sl] @ b_d  # [n, r]: d loss / d low, before the per-row weight
             grad_w[sl] += (t * low).sum(dim=1, keepdim=True, dtype=acc) * s_down
-            grad_low = t.mul_(w[sl] * s_down)
-            grad_b_d = (grad_lora[sl] * (w[sl] * s_down)).t() @ low
+            row_scale = w[sl] * s_down  # [n, 1]
+            grad_low = t.mul_(row_scale)
+            grad_b_d = grad_lora[sl].t() @ (low * row_scale)  # scales [n, r], not [n, H]
             if keep is None:
                 grad_a_d = grad_low.t() @ h[sl]
                 grad_h[sl] += grad_low @ a_d
@@ -228,6 +216,3 @@ class FusedLoraExperts(torch.autograd.Function):
         grad_up = rows_summed(grad_u, plan.inv, plan.k)
         return (grad_x, grad_gate, grad_up, grad_w.to(weights.dtype), None, *grad_params)
 
-
-def _keep_scale(threshold: int) -> float:
-    return 65536.0 / (65536 - threshold)

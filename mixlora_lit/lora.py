@@ -28,6 +28,11 @@ def dropout_keep_mask(shape: torch.Size | tuple[int, ...], threshold: int, devic
     return (bits.view(torch.int16)[:n] >= threshold - 32768).view(shape)
 
 
+def keep_scale(threshold: int) -> float:
+    """Inverted dropout's 1 / (1 - p) for a drop threshold out of 2**16."""
+    return 65536.0 / (65536 - threshold) if threshold < 65536 else 0.0
+
+
 class FastDropout(nn.Module):
     """Inverted dropout whose mask comes from 16-bit random lanes instead of fp32 Bernoulli draws.
 
@@ -39,7 +44,7 @@ class FastDropout(nn.Module):
         super().__init__()
         self.p = p
         self.threshold = int(round(p * 65536))
-        self.keep_scale = 65536.0 / (65536 - self.threshold) if self.threshold < 65536 else 0.0
+        self.keep_scale = keep_scale(self.threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:

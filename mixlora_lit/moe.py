@@ -121,7 +121,8 @@ class MixLoraMoeFFN(nn.Module):
         self.last_routing = routing
         if self.execution == "reference":
             y = self._forward_reference(x, routing)
-        elif self.dense_inference and not torch.is_grad_enabled() and self._plain_lora_everywhere():
+        elif (self.dense_inference and not torch.is_grad_enabled() and self._plain_lora_everywhere()
+              and not self._expert_dropout_threshold()):
             y = self._forward_dense_inference(x, routing)
         elif self.recompute_experts and self.training and torch.is_grad_enabled():
             # Dropout masks are reproduced in the recomputation (the RNG state is restored).
@@ -166,8 +167,6 @@ class MixLoraMoeFFN(nn.Module):
         """
         projections = [getattr(self, n) for n in FFN_TARGETS]  # gate, up, down
         dtype, num_tokens, k = compute_dtype(x), x.shape[0], routing.experts.shape[1]
-        if self.training and any(isinstance(p.experts[0].lora_dropout, FastDropout) for p in projections):
-            return self._forward_fused(x, routing)  # dropout is active in training mode, even without grad
         a = [torch.cat([e.lora_A.weight for e in p.experts]).to(dtype) for p in projections]  # [E*r, in]
         b = [torch.cat([e.lora_B.weight for e in p.experts], dim=1).to(dtype) for p in projections]  # [out, E*r]
         scalings = [p.experts[0].scaling for p in projections]
@@ -196,13 +195,17 @@ class MixLoraMoeFFN(nn.Module):
             y = y + w.sum(dim=1) * base_down.bias
         return y
 
+    def _expert_dropout_threshold(self) -> int:
+        """The experts' active LoRA dropout (out of 2**16): 0 in eval mode or without dropout.
+        Dropout also applies in training mode without autograd, so the dense path then steps aside."""
+        dropout = self._expert("down_proj", 0).lora_dropout
+        return dropout.threshold if isinstance(dropout, FastDropout) and dropout.training else 0
+
     def _forward_fused_experts(self, x, source, gate_base, up_base, routing, tokens, inv, weights, counts):
         projections = [getattr(self, n) for n in FFN_TARGETS]  # gate, up, down
-        down = projections[2].experts[0]
-        dropout = down.lora_dropout
-        threshold = dropout.threshold if isinstance(dropout, FastDropout) and dropout.training else 0
-        plan = ExpertPlan(tokens, inv, routing.experts.shape[1], counts, self.num_experts, down.r,
-                          tuple(p.experts[0].scaling for p in projections), threshold, self.act_fn)
+        plan = ExpertPlan(tokens, inv, routing.experts.shape[1], counts, self.num_experts,
+                          projections[2].experts[0].r, tuple(p.experts[0].scaling for p in projections),
+                          self._expert_dropout_threshold(), self.act_fn)
         params = [w for e in range(self.num_experts) for p in projections
                   for w in (p.experts[e].lora_A.weight, p.experts[e].lora_B.weight)]
         # Under mixed precision (autocast) the inputs arrive in mixed dtypes: run the experts in
