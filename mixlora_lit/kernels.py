@@ -1,17 +1,17 @@
 """Row permutations and the fused LoRA-experts function behind the MixLoRA FFN's default path.
 
 Assignments (token, slot) are sorted by expert, so expert e owns one contiguous block of rows;
-`tokens[i]` is the token of sorted row i and `inv` its inverse (row of assignment t*k + j).
+`tokens[i]` is the token of row i and `inv` maps assignment t*k + j to its row (see `ExpertLayout`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .lora import dropout_keep_mask, keep_scale
+from .lora import dropped_positions, keep_scale
 
 
 def rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -72,14 +72,69 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+class ExpertLayout:
+    """Where each (token, slot) assignment goes in the expert-sorted rows.
+
+    Expert e's assignments form one contiguous block (stable order, so by token within it); the
+    block of index E, "frozen FFN only" (switch-router overflow), comes last. With `bucket` > 1
+    each adapted expert's block is padded to a multiple of `bucket` rows, so that the per-expert
+    matmuls see only a few distinct shapes. That matters on CPU: oneDNN builds a kernel for every
+    new bf16 matmul shape (about 0.6 ms, ten times the matmul itself at these sizes), and the
+    routing changes the block sizes at every step. Padding rows copy token 0 and carry routing
+    weight 0: no output reads them, and every gradient through them is multiplied by that 0.
+
+    Fields: `tokens` [rows] the token of each row; `inv` [T*k] the row of assignment t*k + j;
+    `source` [rows] the assignment of each row (T*k on padding rows); `counts` and `capacities`
+    per block (real rows, rows with padding).
+    """
+
+    def __init__(self, flat_experts: torch.Tensor, num_experts: int, k: int, bucket: int = 1) -> None:
+        num = flat_experts.numel()
+        order = torch.argsort(flat_experts, stable=True)
+        counts = torch.bincount(flat_experts, minlength=num_experts + 1)
+        self.k = k
+        self.counts: list[int] = counts.tolist()
+        self.capacities = [-(-n // bucket) * bucket if e < num_experts else n for e, n in enumerate(self.counts)]
+        self.num_rows = sum(self.capacities)
+        device = flat_experts.device
+        rows = torch.arange(num, device=device)
+        if self.num_rows != num:  # shift every block to its padded start
+            caps = torch.tensor(self.capacities, device=device)
+            shift = (caps.cumsum(0) - caps) - (counts.cumsum(0) - counts)
+            rows = rows + shift[flat_experts[order]]
+        self.inv = torch.empty_like(order)
+        self.inv[order] = rows
+        if self.num_rows == num:
+            self.tokens, self.source = order // k, order
+        else:
+            self.tokens = torch.zeros(self.num_rows, dtype=order.dtype, device=device)
+            self.tokens[rows] = order // k
+            self.source = torch.full((self.num_rows,), num, dtype=order.dtype, device=device)
+            self.source[rows] = order
+
+    def sorted_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """Routing weights [T, k] -> [rows, 1] in row order, 0 on padding rows (differentiable)."""
+        flat = weights.reshape(-1)
+        if self.num_rows != flat.numel():
+            flat = torch.cat([flat, flat.new_zeros(1)])
+        return flat[self.source].unsqueeze(1)
+
+    def blocks(self, num_adapted: int):
+        """(expert, rows with padding, real row count) of every non-empty adapted expert's block."""
+        start = 0
+        for e, (n, cap) in enumerate(zip(self.counts, self.capacities)):
+            if n and e < num_adapted:
+                yield e, slice(start, start + cap), n
+            start += cap
+
+
 class ExpertPlan:
     """What `FusedLoraExperts` needs besides tensors: the routing layout and the LoRA constants."""
 
-    def __init__(self, tokens: torch.Tensor, inv: torch.Tensor, k: int, counts: Sequence[int], num_adapted: int,
-                 rank: int, scalings: tuple[float, float, float], dropout_threshold: int,
-                 act_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.tokens, self.inv, self.k = tokens, inv, k
-        self.counts = list(counts)
+    def __init__(self, layout: ExpertLayout, num_adapted: int, rank: int, scalings: tuple[float, float, float],
+                 dropout_threshold: int, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.layout = layout
+        self.tokens, self.inv, self.k = layout.tokens, layout.inv, layout.k
         self.num_adapted = num_adapted  # experts with adapters; a last block (index E) runs the frozen FFN
         self.rank = rank
         self.scalings = scalings  # gate, up, down
@@ -88,30 +143,27 @@ class ExpertPlan:
 
     @property
     def frozen_rows(self) -> int:
-        """Rows of the frozen-FFN block, which comes last in the sorted order."""
-        return sum(self.counts[self.num_adapted:])
+        """Rows of the frozen-FFN block, which comes last."""
+        return sum(self.layout.counts[self.num_adapted:])
 
     def blocks(self):
-        """(expert, row slice) of every non-empty block of adapted experts."""
-        start = 0
-        for e, n in enumerate(self.counts):
-            if n and e < self.num_adapted:
-                yield e, slice(start, start + n)
-            start += n
+        """(expert, row slice) of every non-empty block of adapted experts (padding included)."""
+        for e, sl, _ in self.layout.blocks(self.num_adapted):
+            yield e, sl
 
 
 class FusedLoraExperts(torch.autograd.Function):
     """All LoRA experts of one MixLoRA FFN with a hand-written backward.
 
     Inputs: the shared LoRA input x (dropout already applied) [T, H], the frozen gate and up
-    outputs [T, F], the routing weights of the sorted rows [T*k, 1], and per expert the weights
+    outputs [T, F], the routing weights of the rows [rows, 1] (0 on padding rows), and per expert the weights
     (A_gate, B_gate, A_up, B_up, A_down, B_down). Outputs, per token:
         h_sum[t]   = sum_j w_j act(g_j) u_j                       [T, F]  (goes through W2 once)
         lora_sum[t] = sum_j w_j s_down B_down A_down drop(act(g_j) u_j)   [T, H]
     with g_j = W1 x + s_gate B_gate A_gate x (likewise u_j) for the expert of slot j.
 
     Autograd would keep about six [T*k, F] tensors per layer (gate, act, up, h, the dropout mask
-    and the dropped h); this keeps the adapted gate and up and a boolean mask, and recomputes the
+    and the dropped h); this keeps the adapted gate and up and the dropped positions, and recomputes the
     rest in backward. It also replaces ~60 small autograd nodes per expert with one.
     """
 
@@ -131,8 +183,13 @@ class FusedLoraExperts(torch.autograd.Function):
             u[sl].addmm_(low[:, r:], b_u.t(), alpha=s_up)
             lows_gu[e] = low
         h = plan.act_fn(g).mul_(u)
-        keep = dropout_keep_mask(h.shape, plan.dropout_threshold, h.device) if plan.dropout_threshold else None
         w = weights.to(dtype)
+        # Dropout of the down LoRA's input: zero the dropped positions of h for the A_down matmuls
+        # and put the values back afterwards (h itself goes on to W2); no mask or copy of h.
+        dropped = dropped_positions(h.numel(), plan.dropout_threshold, h.device) if plan.dropout_threshold else None
+        if dropped is not None:
+            dropped_values = h.view(-1)[dropped]
+            h.view(-1).index_fill_(0, dropped, 0)
         lora_out = torch.empty(h.shape[0], x.shape[1], dtype=dtype, device=x.device)
         lora_out[h.shape[0] - plan.frozen_rows:].zero_()  # the frozen-FFN block has no down LoRA
         lows_d: dict[int, torch.Tensor] = {}
@@ -140,16 +197,17 @@ class FusedLoraExperts(torch.autograd.Function):
         for e, sl in plan.blocks():
             a_d, b_d = (p.to(dtype) for p in params[6 * e + 4:6 * e + 6])
             # The dropout's 1 / (1 - p) is folded into the small A matrix.
-            hd, a_d = (h[sl], a_d) if keep is None else (torch.where(keep[sl], h[sl], 0), a_d * scale)
-            low = hd @ a_d.t()  # [n, r]
+            low = h[sl] @ (a_d if dropped is None else a_d * scale).t()  # [n, r]
             torch.mm(low, b_d.t(), out=lora_out[sl])
             lows_d[e] = low
+        if dropped is not None:
+            h.view(-1).index_copy_(0, dropped, dropped_values)  # repeated positions carry equal values
         lora_out.mul_(w * s_down)
         h_sum = rows_summed(h.mul_(w), plan.inv, plan.k)
         lora_sum = rows_summed(lora_out, plan.inv, plan.k)
         ctx.plan = plan
         ctx.lows_gu, ctx.lows_d = lows_gu, lows_d
-        ctx.save_for_backward(x, g, u, weights, keep, *params)
+        ctx.save_for_backward(x, g, u, weights, dropped, *params)
         return h_sum, lora_sum
 
     @staticmethod
@@ -161,11 +219,12 @@ class FusedLoraExperts(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_h_sum: torch.Tensor, grad_lora_sum: torch.Tensor):
         plan: ExpertPlan = ctx.plan
-        x, g, u, weights, keep, *params = ctx.saved_tensors
+        x, g, u, weights, dropped, *params = ctx.saved_tensors
         dtype = g.dtype
         s_gate, s_up, s_down = plan.scalings
         w = weights.to(dtype)
-        grad_hw = rows(grad_h_sum.to(dtype), plan.tokens)  # d loss / d (w h) per sorted row
+        # d loss / d (w h) and d loss / d lora_out per row (padding rows: their weight 0 stops them below)
+        grad_hw = rows(grad_h_sum.to(dtype), plan.tokens)
         grad_lora = rows(grad_lora_sum.to(dtype), plan.tokens)
         with torch.enable_grad():
             g_leaf = g.detach().requires_grad_(True)
@@ -174,6 +233,11 @@ class FusedLoraExperts(torch.autograd.Function):
         acc = torch.promote_types(dtype, torch.float32)  # routing-weight gradients summed in >= fp32
         grad_w = (grad_hw * h).sum(dim=1, keepdim=True).to(acc)
         grad_h = grad_hw.mul_(w)  # d/dh through the W2 path (grad_hw is not used again)
+        if dropped is not None:
+            # Dropped positions get only the W2 path's gradient: keep it to put back after the
+            # LoRA path's additions below; h becomes the dropped input of A_down (h is not used again).
+            w2_grad = grad_h.view(-1)[dropped]
+            h.view(-1).index_fill_(0, dropped, 0)
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         scale = keep_scale(plan.dropout_threshold)
         for e, sl in plan.blocks():
@@ -184,14 +248,16 @@ class FusedLoraExperts(torch.autograd.Function):
             row_scale = w[sl] * s_down  # [n, 1]
             grad_low = t.mul_(row_scale)
             grad_b_d = grad_lora[sl].t() @ (low * row_scale)  # scales [n, r], not [n, H]
-            if keep is None:
-                grad_a_d = grad_low.t() @ h[sl]
-                grad_h[sl] += grad_low @ a_d
+            grad_a_d = grad_low.t() @ h[sl]
+            if dropped is None:
+                grad_h[sl].addmm_(grad_low, a_d)
             else:
-                grad_a_d = (grad_low.t() @ torch.where(keep[sl], h[sl], 0)).mul_(scale)
-                grad_h[sl] += torch.where(keep[sl], grad_low @ (a_d * scale), 0)
+                grad_a_d.mul_(scale)
+                grad_h[sl].addmm_(grad_low, a_d * scale)
             grad_params[6 * e + 4] = grad_a_d.to(params[6 * e + 4].dtype)
             grad_params[6 * e + 5] = grad_b_d.to(params[6 * e + 5].dtype)
+        if dropped is not None:
+            grad_h.view(-1).index_copy_(0, dropped, w2_grad)
         grad_u = grad_h * act.detach()
         (grad_g,) = torch.autograd.grad(act, g_leaf, grad_h.mul_(u))
         xs = rows(x, plan.tokens)

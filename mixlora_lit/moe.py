@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from .config import FFN_TARGETS, MixLoraConfig
-from .kernels import ExpertPlan, FusedLoraExperts, RowGather, RowSum, compute_dtype
+from .kernels import ExpertLayout, ExpertPlan, FusedLoraExperts, RowGather, RowSum, compute_dtype
 from .lora import FastDropout, LoraAdapter
 from .routers import Routing, SwitchRouter, TopKRouter
 
@@ -70,6 +70,8 @@ class MixLoraMoeFFN(nn.Module):
         # Without autograd (evaluation, generation), run every expert's low-rank product densely
         # and mask: no sorting, gathers or per-expert loop, which dominate at inference batch sizes.
         self.dense_inference = True
+        # Pad each expert's rows to a multiple of this in the LoRA-experts kernel (see ExpertLayout).
+        self.row_bucket = 64
         act = getattr(mlp, "act_fn", None)
         if act is None:
             if config.act_fn is None:
@@ -201,19 +203,19 @@ class MixLoraMoeFFN(nn.Module):
         dropout = self._expert("down_proj", 0).lora_dropout
         return dropout.threshold if isinstance(dropout, FastDropout) and dropout.training else 0
 
-    def _forward_fused_experts(self, x, source, gate_base, up_base, routing, tokens, inv, weights, counts):
+    def _forward_fused_experts(self, source, gate_base, up_base, routing, layout):
         projections = [getattr(self, n) for n in FFN_TARGETS]  # gate, up, down
-        plan = ExpertPlan(tokens, inv, routing.experts.shape[1], counts, self.num_experts,
-                          projections[2].experts[0].r, tuple(p.experts[0].scaling for p in projections),
-                          self._expert_dropout_threshold(), self.act_fn)
+        plan = ExpertPlan(layout, self.num_experts, projections[2].experts[0].r,
+                          tuple(p.experts[0].scaling for p in projections), self._expert_dropout_threshold(),
+                          self.act_fn)
         params = [w for e in range(self.num_experts) for p in projections
                   for w in (p.experts[e].lora_A.weight, p.experts[e].lora_B.weight)]
         # Under mixed precision (autocast) the inputs arrive in mixed dtypes: run the experts in
         # autocast's dtype, with autocast off inside (the kernel casts the fp32 masters itself).
-        dtype = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        dtype = compute_dtype(source)
+        with torch.autocast(source.device.type, enabled=False):
             h_sum, lora_sum = FusedLoraExperts.apply(source.to(dtype), gate_base.to(dtype), up_base.to(dtype),
-                                                     weights, plan, *params)
+                                                     layout.sorted_weights(routing.weights), plan, *params)
         base_down = self._base("down_proj")
         y = F.linear(h_sum, base_down.weight) + lora_sum
         if base_down.bias is not None:  # sum_j w_j b: every assignment went through W2
@@ -227,20 +229,18 @@ class MixLoraMoeFFN(nn.Module):
         up_base = self._base("up_proj")(x)
         down = self._base("down_proj")
 
-        # Sort (token, slot) assignments by expert so each expert reads one contiguous slice.
-        flat_experts = routing.experts.reshape(-1)
-        order = torch.argsort(flat_experts, stable=True)
-        tokens = order // k
-        weights = routing.weights.reshape(-1)[order].unsqueeze(1)
-        counts = torch.bincount(flat_experts, minlength=self.num_experts + 1).tolist()
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(order.numel(), device=order.device)  # sorted position of each (token, slot)
+        # Sort (token, slot) assignments by expert so each expert reads one contiguous slice
+        # (padded to `row_bucket` rows for the kernel, whose matmuls then repeat their shapes).
+        plain = self._plain_lora_everywhere()
+        layout = ExpertLayout(routing.experts.reshape(-1), self.num_experts, k, self.row_bucket if plain else 1)
         # The gate and up LoRAs of every expert read the same token x: one dropout mask per token
         # serves them all (drawn once per layer instead of once per expert and projection).
         shared = self._shared_lowrank()
         source = getattr(self, shared[0]).experts[0].lora_dropout(x) if shared else x
-        if self._plain_lora_everywhere():
-            return self._forward_fused_experts(x, source, gate_base, up_base, routing, tokens, inv, weights, counts)
+        if plain:
+            return self._forward_fused_experts(source, gate_base, up_base, routing, layout)
+        tokens, inv, counts = layout.tokens, layout.inv, layout.counts
+        weights = layout.sorted_weights(routing.weights)
         gs, us = RowGather.apply(gate_base, tokens, inv, k), RowGather.apply(up_base, tokens, inv, k)
         xs = RowGather.apply(source, tokens, inv, k)
         # Per-expert chunks via split, not slicing: the backward of a slice allocates a zero-filled

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from conftest import batch, randomize_adapters, tiny_llama
 from mixlora_lit import MixLoraConfig, get_mixlora_model
 from mixlora_lit import kernels
-from mixlora_lit.kernels import ExpertPlan, FusedLoraExperts
-from mixlora_lit.lora import dropout_keep_mask
+from mixlora_lit.kernels import ExpertLayout, ExpertPlan, FusedLoraExperts
+from mixlora_lit.lora import dropped_positions
 
 T, H, FF, E, R = 12, 8, 10, 3, 4
 SCALINGS = (0.5, 1.5, 2.0)
@@ -34,27 +34,27 @@ def _inputs(k: int, frozen_tokens: int):
     return experts, [t.requires_grad_(True) for t in leaves]
 
 
-def _kernel(experts, leaves, threshold):
+def _kernel(experts, leaves, threshold, bucket):
     x, gate_base, up_base, weights, *params = leaves
-    k = experts.shape[1]
-    order = torch.argsort(experts.reshape(-1), stable=True)
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(order.numel())
-    counts = torch.bincount(experts.reshape(-1), minlength=E + 1).tolist()
-    plan = ExpertPlan(order // k, inv, k, counts, E, R, SCALINGS, threshold, F.silu)
-    w_sorted = weights.reshape(-1)[order].unsqueeze(1)
-    return FusedLoraExperts.apply(x, gate_base, up_base, w_sorted, plan, *params)
+    layout = ExpertLayout(experts.reshape(-1), E, experts.shape[1], bucket)
+    plan = ExpertPlan(layout, E, R, SCALINGS, threshold, F.silu)
+    return FusedLoraExperts.apply(x, gate_base, up_base, layout.sorted_weights(weights), plan, *params)
 
 
-def _oracle(experts, leaves, threshold):
+def _oracle(experts, leaves, threshold, bucket):
     x, gate_base, up_base, weights, *params = leaves
     k = experts.shape[1]
-    order = torch.argsort(experts.reshape(-1), stable=True)
-    keep = dropout_keep_mask((T * k, FF), threshold, x.device) if threshold else torch.ones(T * k, FF, dtype=torch.bool)
+    # The kernel draws one mask over its rows (padding included); row of assignment a: inv[a].
+    layout = ExpertLayout(experts.reshape(-1), E, k, bucket)
+    keep = None
+    if threshold:
+        keep = torch.ones(layout.num_rows * FF, dtype=torch.bool)
+        keep[dropped_positions(layout.num_rows * FF, threshold, x.device)] = False
+        keep = keep.view(layout.num_rows, FF)
     p = threshold / 65536
     s_g, s_u, s_d = SCALINGS
     h_rows, lora_rows = [], []
-    for row, assignment in enumerate(order.tolist()):
+    for assignment in range(T * k):
         t, j = divmod(assignment, k)
         e = experts[t, j].item()
         w = weights[t, j]
@@ -66,7 +66,7 @@ def _oracle(experts, leaves, threshold):
         g = gate_base[t] + s_g * b_g @ (a_g @ x[t])
         u = up_base[t] + s_u * b_u @ (a_u @ x[t])
         h = F.silu(g) * u
-        hd = h * keep[row] / (1 - p)
+        hd = h if keep is None else h * keep[layout.inv[assignment]] / (1 - p)
         h_rows.append((t, w * h))
         lora_rows.append((t, w * s_d * (b_d @ (a_d @ hd))))
     h_sum = torch.zeros(T, FF, dtype=torch.float64)
@@ -78,15 +78,18 @@ def _oracle(experts, leaves, threshold):
     return h_sum, lora_sum
 
 
-@pytest.mark.parametrize("k,frozen_tokens,dropout", [(1, 0, 0.0), (2, 0, 0.0), (2, 0, 0.3), (3, 4, 0.3), (1, 5, 0.5)])
-def test_fused_lora_experts_matches_autograd_oracle(k, frozen_tokens, dropout):
+@pytest.mark.parametrize("k,frozen_tokens,dropout,bucket", [
+    (1, 0, 0.0, 1), (2, 0, 0.0, 1), (2, 0, 0.05, 1), (2, 0, 0.3, 1), (3, 4, 0.3, 1), (1, 5, 0.5, 1),
+    (2, 0, 0.0, 4), (2, 0, 0.1, 8), (3, 4, 0.3, 4), (1, 5, 0.5, 16)])
+def test_fused_lora_experts_matches_autograd_oracle(k, frozen_tokens, dropout, bucket):
+    """Also with expert blocks padded to `bucket` rows: padding must change nothing."""
     threshold = int(round(dropout * 65536))
     experts, leaves = _inputs(k, frozen_tokens)
     cot = [torch.randn(T, FF, dtype=torch.float64), torch.randn(T, H, dtype=torch.float64)]
     results = []
     for fn in (_kernel, _oracle):
         torch.manual_seed(7)
-        outs = fn(experts, leaves, threshold)
+        outs = fn(experts, leaves, threshold, bucket)
         grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cot)), leaves, allow_unused=True)
         results.append(([o.detach() for o in outs], [torch.zeros_like(l) if g is None else g
                                                       for g, l in zip(grads, leaves)]))

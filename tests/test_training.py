@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from conftest import batch, tiny_llama
@@ -52,17 +55,39 @@ def test_dropout_is_off_in_eval_mode():
     assert not torch.equal(a, c)
 
 
-def test_fast_dropout_drops_the_requested_fraction_and_keeps_the_mean():
+@pytest.mark.parametrize("p", [0.05, 0.3])  # drawn positions (sparse) and keep mask (dense)
+def test_fast_dropout_drops_the_requested_fraction_and_keeps_the_mean(p):
     from mixlora_lit.lora import FastDropout
 
-    drop = FastDropout(0.05)
+    torch.manual_seed(0)
+    drop = FastDropout(p)
     x = torch.ones(1000, 1000, dtype=torch.bfloat16)
     y = drop(x)
     dropped = (y == 0).float().mean().item()
-    assert abs(dropped - 0.05) < 0.002
+    assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / x.numel())
     assert abs(y.float().mean().item() - 1.0) < 0.01
     assert torch.equal(drop.eval()(x), x)
     x = torch.ones(10, 10, requires_grad=True)
-    out = FastDropout(0.5).train()(x)
+    out = FastDropout(p).train()(x)
     out.sum().backward()
     assert torch.equal(x.grad, out.detach())  # the gradient passes exactly where the value did
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_dropped_positions_are_independent_bernoulli(p):
+    """Each element dropped independently with probability p: the number dropped out of n varies
+    like a Binomial(n, p) (a fixed-size draw would not vary), and pairs are dropped together with
+    probability p**2."""
+    from mixlora_lit.lora import dropped_positions
+
+    torch.manual_seed(1)
+    n, draws, threshold = 4000, 400, int(round(p * 65536))
+    masks = torch.zeros(draws, n, dtype=torch.bool)
+    for i in range(draws):
+        masks[i, dropped_positions(n, threshold, torch.device("cpu"))] = True
+    totals = masks.sum(dim=1).double()
+    q = threshold / 65536
+    assert abs(totals.mean().item() - n * q) < 5 * math.sqrt(n * q * (1 - q) / draws)
+    assert 0.8 < totals.std().item() / math.sqrt(n * q * (1 - q)) < 1.2  # chi-square, 400 draws: +-0.18 at 5 sigma
+    both = (masks[:, :-1] & masks[:, 1:]).double().mean().item()
+    assert abs(both - q * q) < 5 * math.sqrt(q * q / (draws * (n - 1) / 2))
