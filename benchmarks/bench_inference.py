@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_step import write_outputs  # noqa: E402
+from bench_step import apply_malloc_setting, write_outputs  # noqa: E402
 
 MODELS = ("base", "mixlora", "merged")
 
@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-batch", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned", help="as in bench_step.py")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--data-dir", default=None, help="prepared data (default: the mixlora-lit cache)")
     p.add_argument("--json", default=None)
@@ -71,6 +72,7 @@ def build_models(args):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    allocator_tuned = apply_malloc_setting(args.malloc)
     import torch
 
     from mixlora_lit.base_models import load_tokenizer
@@ -107,6 +109,7 @@ def main(argv=None) -> dict:
                 for m in MODELS if times[(m, "eval")]), flush=True)
     new_tokens = args.gen_batch * args.new_tokens
     results = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
+               "allocator_tuned": allocator_tuned,
                "torch": torch.__version__, "eval_examples": n_eval, "models": {}}
     for name in MODELS:
         ev, gen = statistics.median(times[(name, "eval")]), statistics.median(times[(name, "generate")])

@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="MixLoRA target modules (default: q,k,v,o and the FFN); the FFN ones get experts")
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                   help="tuned: mixlora_lit.runtime.tune_cpu_allocator(), as the mixlora-lit command does "
+                        "(freed memory stays in the process); default: glibc's own behaviour")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=ALL_METHODS)
@@ -177,7 +180,7 @@ def peak_memory(method: str, args) -> float:
     cmd = [sys.executable, os.path.abspath(__file__), "--_memory-of", method, "--base", args.base,
            "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype, "--experts", str(args.experts),
            "--top-k", str(args.top_k), "--rank", str(args.rank), "--lora-rank", str(args.lora_rank),
-           "--dropout", str(args.dropout), "--threads", str(args.threads)]
+           "--dropout", str(args.dropout), "--threads", str(args.threads), "--malloc", args.malloc]
     if args.targets:
         cmd += ["--targets", *args.targets]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -188,6 +191,7 @@ def peak_memory(method: str, args) -> float:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    allocator_tuned = apply_malloc_setting(args.malloc)
     if args.memory_of:
         measure_memory(args.memory_of, args)
         return {}
@@ -215,7 +219,7 @@ def main(argv=None) -> dict:
               + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in args.methods if times[m]), flush=True)
     tokens = args.batch * args.seq
     results = {"settings": {k: v for k, v in vars(args).items() if k not in ("memory_of", "json", "markdown")},
-               "torch": torch.__version__, "methods": {}}
+               "torch": torch.__version__, "allocator_tuned": allocator_tuned, "methods": {}}
     for method in args.methods:
         t = times[method]
         results["methods"][method] = {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
@@ -244,6 +248,19 @@ def main(argv=None) -> dict:
     return results
 
 
+def apply_malloc_setting(setting: str) -> bool:
+    """Apply --malloc in this process, before any large tensor; True if the tuning is in effect."""
+    if setting == "default":
+        return False
+    from mixlora_lit.runtime import tune_cpu_allocator
+
+    if not tune_cpu_allocator():
+        print("note: --malloc tuned is not in effect here (needs Linux with glibc, and "
+              "MIXLORA_LIT_MALLOC_TUNING unset)", file=sys.stderr)
+        return False
+    return True
+
+
 def write_outputs(results: dict, table: str, json_path: str | None, markdown_path: str | None) -> None:
     """The figures as JSON and the table as Markdown, each where asked (creating the folder)."""
     for path, text in ((json_path, json.dumps(results, indent=1)), (markdown_path, table + "\n")):
@@ -258,7 +275,8 @@ def markdown(results: dict) -> str:
     lines = [f"{s['base']}, {s['dtype']}, batch {s['batch']} x {s['seq']}, {s['threads']} threads, "
              f"MixLoRA {s['experts']} experts top-{s['top_k']} r={s['rank']}, LoRA r={s['lora_rank']}, "
              f"median of {s['repeats']} interleaved steps (forward + backward)"
-             + (f", MixLoRA targets {' '.join(s['targets'])}" if s.get("targets") else ""), "",
+             + (f", MixLoRA targets {' '.join(s['targets'])}" if s.get("targets") else "")
+             + f", allocator {'tuned' if results.get('allocator_tuned') else 'glibc default'}", "",
              "| method | step (s) | min-max (s) | tokens/s | peak RSS (MB) | fused / this |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     fused = results["methods"].get("fused")

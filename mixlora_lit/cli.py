@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # before the first large tensors; MIXLORA_LIT_MALLOC_TUNING=0 turns it off
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("fit", "validate", "test", "predict"):

@@ -1,0 +1,68 @@
+"""The allocator setting the `mixlora-lit` command applies, and the step benchmark end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Page faults while a freed 256 MB buffer is allocated and written again: glibc gives the memory
+# back to the kernel on free, so each page faults again; with the setting it stays in the process.
+_REFAULTS = """
+import resource, sys, torch
+from mixlora_lit.runtime import allocator_tuned, tune_cpu_allocator
+if sys.argv[1] == "tuned":
+    assert tune_cpu_allocator() and allocator_tuned()
+buf = torch.empty(64 * 2**20, dtype=torch.float32).fill_(1.0)
+del buf
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+buf = torch.empty(64 * 2**20, dtype=torch.float32).fill_(2.0)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _refaults(mode: str, **env: str) -> int:
+    proc = subprocess.run([sys.executable, "-c", _REFAULTS, mode], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc setting")
+def test_tuned_allocator_reuses_freed_memory_without_page_faults():
+    pages = 256 * 2**20 // 4096
+    assert _refaults("default") > pages // 4  # (transparent huge pages can cut the count)
+    assert _refaults("tuned") < pages // 100
+
+
+def test_allocator_setting_can_be_turned_off():
+    proc = subprocess.run([sys.executable, "-c", "from mixlora_lit.runtime import tune_cpu_allocator as t; print(t())"],
+                          capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "MIXLORA_LIT_MALLOC_TUNING": "0"})
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_step_benchmark_writes_the_issue_keys(tmp_path):
+    """A tiny run of benchmarks/bench_step.py on the real SmolLM2: every method it times, the ratio
+    keys of the issue, and ratios that are the quotients of the medians it reports."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--batch", "1", "--seq", "32",
+           "--repeats", "1", "--warmup", "0", "--methods", "base", "lora", "fused", "reference",
+           "--json", str(out), "--markdown", str(tmp_path / "bench.md")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    m = results["methods"]
+    assert set(m) == {"base", "lora", "fused", "reference"}
+    assert results["step_ratio_vs_lora"] == pytest.approx(m["fused"]["median_s"] / m["lora"]["median_s"])
+    assert results["step_ratio_vs_reference"] == pytest.approx(m["fused"]["median_s"] / m["reference"]["median_s"])
+    assert results["step_ratio_vs_base"] == pytest.approx(m["fused"]["median_s"] / m["base"]["median_s"])
+    assert results["peak_mem_ratio_vs_lora"] == pytest.approx(m["fused"]["peak_rss_mb"] / m["lora"]["peak_rss_mb"])
+    assert results["allocator_tuned"] is sys.platform.startswith("linux")
+    assert "| fused |" in (tmp_path / "bench.md").read_text()
