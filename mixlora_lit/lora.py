@@ -32,6 +32,7 @@ def dropout_keep_mask(shape: torch.Size | tuple[int, ...], threshold: int, devic
     return (bits.view(torch.int16)[:n] >= threshold - 32768).view(shape)
 
 
+@torch.compiler.disable  # data-dependent size: under torch.compile it runs eagerly instead of recompiling per count
 def dropped_positions(numel: int, threshold: int, device: torch.device) -> torch.Tensor:
     """Flat positions (int64, possibly repeated) of the elements that dropout zeroes.
 

@@ -118,11 +118,12 @@ def test_injection_preserves_base_outputs_at_init():
     assert (got - expected).abs().max().item() <= 1e-12
 
 
-def test_recomputing_experts_gives_the_same_gradients_in_training_with_dropout():
+@pytest.mark.parametrize("dropout", [0.05, 0.2])  # drawn positions and keep mask
+def test_recomputing_experts_gives_the_same_gradients_in_training_with_dropout(dropout):
     """Recomputation in backward reproduces the forward exactly, dropout masks included."""
     grads = []
     for recompute in (False, True):
-        model = get_mixlora_model(tiny_llama(), MixLoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, num_experts=4),
+        model = get_mixlora_model(tiny_llama(), MixLoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, num_experts=4),
                                   adapter_dtype=torch.float64)
         randomize_adapters(model)
         model.train()
