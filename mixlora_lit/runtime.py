@@ -5,8 +5,9 @@ every block above 32 MB (the logits and the loss buffers) with a fresh `mmap` an
 free, and it trims the heap whenever more than twice the current mmap threshold lies free at its top.
 A training step allocates and frees the same large activations over and over, so each step pays
 the kernel for zero-filled pages again: on the 2-core benchmark machine the frozen SmolLM2 step
-went from about 5.7 s to 3.6 s with the setting (benchmarks/README.md). The cost: the process keeps
-its high-water mark of memory instead of returning it between steps.
+took 3.93 s with the setting and 5.76 s without (two runs of benchmarks/bench_step.py, kept in
+reports/). The cost: the process keeps its high-water mark of memory instead of returning it
+between steps (peak RSS of that step 4584 MB instead of 3778 MB).
 
 The `mixlora-lit` command applies it at start-up (on Linux with glibc);
 `MIXLORA_LIT_MALLOC_TUNING=0` turns it off. Library users can call it themselves.
