@@ -97,20 +97,18 @@ class ExpertLayout:
         self.capacities = [-(-n // bucket) * bucket if e < num_experts else n for e, n in enumerate(self.counts)]
         self.num_rows = sum(self.capacities)
         device = flat_experts.device
-        rows = torch.arange(num, device=device)
-        if self.num_rows != num:  # shift every block to its padded start
+        row_of_sorted = torch.arange(num, device=device)  # row of the i-th assignment in sorted order
+        self.tokens, self.source = order // k, order
+        if self.num_rows != num:  # shift every block to its padded start; padding rows: token 0, no source
             caps = torch.tensor(self.capacities, device=device)
             shift = (caps.cumsum(0) - caps) - (counts.cumsum(0) - counts)
-            rows = rows + shift[flat_experts[order]]
+            row_of_sorted = row_of_sorted + shift[flat_experts[order]]
+            self.tokens = torch.zeros(self.num_rows, dtype=order.dtype, device=device).index_put_(
+                (row_of_sorted,), order // k)
+            self.source = torch.full((self.num_rows,), num, dtype=order.dtype, device=device).index_put_(
+                (row_of_sorted,), order)
         self.inv = torch.empty_like(order)
-        self.inv[order] = rows
-        if self.num_rows == num:
-            self.tokens, self.source = order // k, order
-        else:
-            self.tokens = torch.zeros(self.num_rows, dtype=order.dtype, device=device)
-            self.tokens[rows] = order // k
-            self.source = torch.full((self.num_rows,), num, dtype=order.dtype, device=device)
-            self.source[rows] = order
+        self.inv[order] = row_of_sorted
 
     def sorted_weights(self, weights: torch.Tensor) -> torch.Tensor:
         """Routing weights [T, k] -> [rows, 1] in row order, 0 on padding rows (differentiable)."""
@@ -120,11 +118,11 @@ class ExpertLayout:
         return flat[self.source].unsqueeze(1)
 
     def blocks(self, num_adapted: int):
-        """(expert, rows with padding, real row count) of every non-empty adapted expert's block."""
+        """(expert, row slice with padding) of every non-empty adapted expert's block."""
         start = 0
         for e, (n, cap) in enumerate(zip(self.counts, self.capacities)):
             if n and e < num_adapted:
-                yield e, slice(start, start + cap), n
+                yield e, slice(start, start + cap)
             start += cap
 
 
@@ -134,7 +132,6 @@ class ExpertPlan:
     def __init__(self, layout: ExpertLayout, num_adapted: int, rank: int, scalings: tuple[float, float, float],
                  dropout_threshold: int, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.layout = layout
-        self.tokens, self.inv, self.k = layout.tokens, layout.inv, layout.k
         self.num_adapted = num_adapted  # experts with adapters; a last block (index E) runs the frozen FFN
         self.rank = rank
         self.scalings = scalings  # gate, up, down
@@ -148,8 +145,7 @@ class ExpertPlan:
 
     def blocks(self):
         """(expert, row slice) of every non-empty block of adapted experts (padding included)."""
-        for e, sl, _ in self.layout.blocks(self.num_adapted):
-            yield e, sl
+        return self.layout.blocks(self.num_adapted)
 
 
 class FusedLoraExperts(torch.autograd.Function):
@@ -172,9 +168,9 @@ class FusedLoraExperts(torch.autograd.Function):
                 plan: ExpertPlan, *params: torch.Tensor):
         dtype, r = gate_base.dtype, plan.rank
         s_gate, s_up, s_down = plan.scalings
-        xs = rows(x, plan.tokens)
-        g = rows(gate_base, plan.tokens)
-        u = rows(up_base, plan.tokens)
+        xs = rows(x, plan.layout.tokens)
+        g = rows(gate_base, plan.layout.tokens)
+        u = rows(up_base, plan.layout.tokens)
         lows_gu: dict[int, torch.Tensor] = {}
         for e, sl in plan.blocks():
             a_g, b_g, a_u, b_u = (p.to(dtype) for p in params[6 * e:6 * e + 4])
@@ -196,15 +192,15 @@ class FusedLoraExperts(torch.autograd.Function):
         scale = keep_scale(plan.dropout_threshold)
         for e, sl in plan.blocks():
             a_d, b_d = (p.to(dtype) for p in params[6 * e + 4:6 * e + 6])
-            # The dropout's 1 / (1 - p) is folded into the small A matrix.
-            low = h[sl] @ (a_d if dropped is None else a_d * scale).t()  # [n, r]
+            # The dropout's 1 / (1 - p) (1 without dropout) is folded into the small A matrix.
+            low = h[sl] @ (a_d * scale).t()  # [n, r]
             torch.mm(low, b_d.t(), out=lora_out[sl])
             lows_d[e] = low
         if dropped is not None:
             h.view(-1).index_copy_(0, dropped, dropped_values)  # repeated positions carry equal values
         lora_out.mul_(w * s_down)
-        h_sum = rows_summed(h.mul_(w), plan.inv, plan.k)
-        lora_sum = rows_summed(lora_out, plan.inv, plan.k)
+        h_sum = rows_summed(h.mul_(w), plan.layout.inv, plan.layout.k)
+        lora_sum = rows_summed(lora_out, plan.layout.inv, plan.layout.k)
         ctx.plan = plan
         ctx.lows_gu, ctx.lows_d = lows_gu, lows_d
         ctx.save_for_backward(x, g, u, weights, dropped, *params)
@@ -224,8 +220,8 @@ class FusedLoraExperts(torch.autograd.Function):
         s_gate, s_up, s_down = plan.scalings
         w = weights.to(dtype)
         # d loss / d (w h) and d loss / d lora_out per row (padding rows: their weight 0 stops them below)
-        grad_hw = rows(grad_h_sum.to(dtype), plan.tokens)
-        grad_lora = rows(grad_lora_sum.to(dtype), plan.tokens)
+        grad_hw = rows(grad_h_sum.to(dtype), plan.layout.tokens)
+        grad_lora = rows(grad_lora_sum.to(dtype), plan.layout.tokens)
         with torch.enable_grad():
             g_leaf = g.detach().requires_grad_(True)
             act = plan.act_fn(g_leaf)
@@ -248,19 +244,15 @@ class FusedLoraExperts(torch.autograd.Function):
             row_scale = w[sl] * s_down  # [n, 1]
             grad_low = t.mul_(row_scale)
             grad_b_d = grad_lora[sl].t() @ (low * row_scale)  # scales [n, r], not [n, H]
-            grad_a_d = grad_low.t() @ h[sl]
-            if dropped is None:
-                grad_h[sl].addmm_(grad_low, a_d)
-            else:
-                grad_a_d.mul_(scale)
-                grad_h[sl].addmm_(grad_low, a_d * scale)
+            grad_a_d = (grad_low.t() @ h[sl]).mul_(scale)
+            grad_h[sl].addmm_(grad_low, a_d * scale)
             grad_params[6 * e + 4] = grad_a_d.to(params[6 * e + 4].dtype)
             grad_params[6 * e + 5] = grad_b_d.to(params[6 * e + 5].dtype)
         if dropped is not None:
             grad_h.view(-1).index_copy_(0, dropped, w2_grad)
         grad_u = grad_h * act.detach()
         (grad_g,) = torch.autograd.grad(act, g_leaf, grad_h.mul_(u))
-        xs = rows(x, plan.tokens)
+        xs = rows(x, plan.layout.tokens)
         grad_xs = torch.empty_like(xs)
         grad_xs[xs.shape[0] - plan.frozen_rows:].zero_()
         for e, sl in plan.blocks():
@@ -277,8 +269,8 @@ class FusedLoraExperts(torch.autograd.Function):
             grad_params[6 * e + 1] = (gg.t() @ low[:, :r]).mul_(s_gate).to(params[6 * e + 1].dtype)
             grad_params[6 * e + 2] = grad_a[r:].to(params[6 * e + 2].dtype)
             grad_params[6 * e + 3] = (gu.t() @ low[:, r:]).mul_(s_up).to(params[6 * e + 3].dtype)
-        grad_x = rows_summed(grad_xs, plan.inv, plan.k)
-        grad_gate = rows_summed(grad_g, plan.inv, plan.k)
-        grad_up = rows_summed(grad_u, plan.inv, plan.k)
+        grad_x = rows_summed(grad_xs, plan.layout.inv, plan.layout.k)
+        grad_gate = rows_summed(grad_g, plan.layout.inv, plan.layout.k)
+        grad_up = rows_summed(grad_u, plan.layout.inv, plan.layout.k)
         return (grad_x, grad_gate, grad_up, grad_w.to(weights.dtype), None, *grad_params)
 

@@ -135,13 +135,11 @@ class LoraAdapter(nn.Module):
         a, b = self.lora_A.weight, self.lora_B.weight
         if a.dtype != x.dtype:
             a, b = a.to(x.dtype), b.to(x.dtype)
-        scale_a = 1.0
+        # lora_dropout is a FastDropout or an Identity. Dropout's 1 / (1 - p) and the LoRA scaling
+        # go into the small matrices, not the [tokens, features] activations.
         if isinstance(self.lora_dropout, FastDropout) and self.lora_dropout.active:
-            x, scale_a = self.lora_dropout.zero_dropped(x), self.lora_dropout.keep_scale
-        elif not isinstance(self.lora_dropout, FastDropout):
-            x = self.lora_dropout(x)
-        # Both scalars go into the small matrices, not the [tokens, features] activations.
-        return F.linear(F.linear(x, a * scale_a if scale_a != 1.0 else a), b * self.scaling)
+            x, a = self.lora_dropout.zero_dropped(x), a * self.lora_dropout.keep_scale
+        return F.linear(F.linear(x, a), b * self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling

@@ -201,7 +201,7 @@ class MixLoraMoeFFN(nn.Module):
         """The experts' active LoRA dropout (out of 2**16): 0 in eval mode or without dropout.
         Dropout also applies in training mode without autograd, so the dense path then steps aside."""
         dropout = self._expert("down_proj", 0).lora_dropout
-        return dropout.threshold if isinstance(dropout, FastDropout) and dropout.training else 0
+        return dropout.threshold if isinstance(dropout, FastDropout) and dropout.active else 0
 
     def _forward_fused_experts(self, source, gate_base, up_base, routing, layout):
         projections = [getattr(self, n) for n in FFN_TARGETS]  # gate, up, down
