@@ -83,8 +83,10 @@ def build(method: str, args: argparse.Namespace):
         model = get_lora_model(model, args.lora_rank, 2 * args.lora_rank, args.dropout)
     elif method != "base":
         model = get_mixlora_model(model, _mixlora_config(args))
-        model.set_execution_path("fused" if method == "fused_recompute" else method)
+        model.set_execution_path("reference" if method == "reference" else "fused")
         model.set_recompute_experts(method == "fused_recompute")
+        for module in model.moe_layers():  # the reference code's fast path: W2 per (token, expert)
+            module.factor_down = method != "per_expert_down"
     model.train()
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]

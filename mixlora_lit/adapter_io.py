@@ -1,9 +1,11 @@
 """Adapter files: PEFT-style safetensors, the reference `adapter_model.bin`, and the export to it.
 
-A saved adapter is `adapter_config.json` + `adapter_model.safetensors` with the reference
-weight key names (`mixlora.layers.{l}.self_attn.q_proj.lora_A.weight`, ...). Loading also reads
-the reference `adapter_model.bin` (with `weights_only=True`, so no code runs). `export_reference`
-is the only function in the project that writes pickle.
+Everything about adapter files lives here, the reference key names included; `model.py` calls
+these functions and this module never imports the model. A saved adapter is
+`adapter_config.json` + `adapter_model.safetensors` with the reference weight key names
+(`mixlora.layers.{l}.self_attn.q_proj.lora_A.weight`, ...). Loading also reads the reference
+`adapter_model.bin` (with `weights_only=True`, so no code runs). `export_reference` is the only
+function in the project that writes pickle.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -29,12 +32,34 @@ _REFERENCE_KEYS = ("bias", "peft_type", "task_type", "base_model_name_or_path", 
                    "router_init_range", "jitter_noise", "act_fn", "use_dora", "use_rslora")
 
 
-def save_adapter(model, directory: str | os.PathLike) -> None:
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
+_ADAPTER_PARAM = re.compile(r"\.(lora_A|lora_B|lora_magnitude|moe_gate)\b")
+
+
+def reference_key(name: str) -> str:
+    """`model.layers.3.mlp.gate_proj.experts.0.lora_A.weight` -> `mixlora.layers.3.mlp....`"""
+    match = _LAYER_KEY.search(name)
+    if match is None:
+        raise ValueError(f"adapter parameter {name!r} is not inside a decoder layer")
+    return f"mixlora.layers.{match.group(1)}.{match.group(2)}"
+
+
+def adapter_state_dict(base_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors of an injected model, under the reference key names."""
+    return {reference_key(name): tensor for name, tensor in base_model.state_dict().items()
+            if _ADAPTER_PARAM.search(name)}
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def save_adapter(tensors: dict[str, torch.Tensor], config: MixLoraConfig, directory: str | os.PathLike) -> None:
+    """`adapter_config.json` + `adapter_model.safetensors`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state_dict().items()}
-    model.mixlora_config.save_pretrained(directory)
-    save_file(tensors, str(directory / SAFETENSORS_NAME), metadata={"format": "pt", "peft_type": "MIXLORA"})
+    config.save_pretrained(directory)
+    save_file(_cpu(tensors), str(directory / SAFETENSORS_NAME), metadata={"format": "pt", "peft_type": "MIXLORA"})
 
 
 def read_adapter_weights(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
@@ -53,38 +78,28 @@ def read_adapter_weights(directory: str | os.PathLike) -> tuple[dict[str, torch.
     raise FileNotFoundError(f"no {SAFETENSORS_NAME} or {REFERENCE_WEIGHTS_NAME} in adapter directory {directory}")
 
 
-def load_adapter(base_model: nn.Module, directory: str | os.PathLike, adapter_dtype: torch.dtype = torch.float32,
-                 is_trainable: bool = False):
-    from .model import get_mixlora_model
-
-    config = MixLoraConfig.from_pretrained(directory)
-    weights, path = read_adapter_weights(directory)
-    model = get_mixlora_model(base_model, config, adapter_dtype=adapter_dtype)
-    expected = model.adapter_state_dict()
-    for key, target in expected.items():
+def copy_adapter_weights(targets: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], path: Path,
+                         base_name: str | None = None) -> None:
+    """Copy saved `weights` into a model's adapter tensors (`targets`, by reference key), after checking
+    that both hold the same keys and shapes (else the adapter belongs to another base or shape)."""
+    for key, target in targets.items():
         if key not in weights:
             raise ValueError(f"{path} lacks adapter tensor {key!r} that this base model needs "
                              f"(the adapter was saved for a different base or configuration)")
         if tuple(weights[key].shape) != tuple(target.shape):
             raise ValueError(f"adapter tensor {key!r} in {path} has shape {tuple(weights[key].shape)} but the base "
                              f"model expects {tuple(target.shape)}: this adapter was trained on a different base "
-                             f"model (config says {config.base_model_name_or_path!r})")
-    unexpected = sorted(set(weights) - set(expected))
+                             f"model (config says {base_name!r})")
+    unexpected = sorted(set(weights) - set(targets))
     if unexpected:
         raise ValueError(f"{path} has {len(unexpected)} tensor(s) this base model has no place for, first "
                          f"{unexpected[0]!r}: the adapter was saved for a different base (e.g. more layers)")
     with torch.no_grad():
-        for key, target in expected.items():
+        for key, target in targets.items():
             target.copy_(weights[key])
-    for name, param in model.named_parameters():
-        if param.requires_grad and not is_trainable:
-            param.requires_grad_(False)
-    if not is_trainable:
-        model.eval()
-    return model
 
 
-def export_reference(model, directory: str | os.PathLike) -> None:
+def export_reference(tensors: dict[str, torch.Tensor], config: MixLoraConfig, directory: str | os.PathLike) -> None:
     """Write `adapter_config.json` + `adapter_model.bin` readable by the reference `mixlora` package.
 
     Notes for users of the reference package: it refuses `lora_dropout == 0`, so a zero dropout is
@@ -93,24 +108,23 @@ def export_reference(model, directory: str | os.PathLike) -> None:
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = model.mixlora_config.to_dict()
+    cfg = config.to_dict()
     ref = {k: cfg[k] for k in _REFERENCE_KEYS}
     ref["lora_dropout"] = float(ref["lora_dropout"]) or 1e-9
     for key in ("router_aux_loss_coef", "router_init_range", "jitter_noise"):
         ref[key] = float(ref[key])
     if float(ref["lora_alpha"]).is_integer():
         ref["lora_alpha"] = int(ref["lora_alpha"])
-    if model.mixlora_config.expert_lora is not None:
+    if config.expert_lora is not None:
         expert = dict(cfg["expert_lora"])
         expert["lora_dropout"] = float(expert["lora_dropout"]) or 1e-9
         ref["expert_lora"] = expert
-    if model.mixlora_config.routing_strategy == "mixlora-switch":
+    if config.routing_strategy == "mixlora-switch":
         ref["expert_capacity"] = cfg["expert_capacity"]
         ref["router_z_loss_coef"] = float(cfg["router_z_loss_coef"])
         log.warning("the reference inference package only loads routing_strategy 'mixlora'; moe-peft reads switch")
     if ref["base_model_name_or_path"] is None:
         ref["base_model_name_or_path"] = ""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state_dict().items()}
-    torch.save(tensors, directory / REFERENCE_WEIGHTS_NAME)
+    torch.save(_cpu(tensors), directory / REFERENCE_WEIGHTS_NAME)
     with open(directory / CONFIG_NAME, "w", encoding="utf8") as fh:
         json.dump(ref, fh, indent=2)

@@ -30,18 +30,49 @@ class ExpertLoraConfig:
     lora_dropout: float = 0.05
 
 
+# Router defaults per routing strategy (the reference code's): top-k routers start near uniform
+# with no jitter; switch routers start from a wide init with input jitter.
+ROUTER_DEFAULTS = {
+    "mixlora": {"top_k": 2, "router_init_range": 0.02, "jitter_noise": 0.0},
+    "mixlora-switch": {"top_k": 1, "router_init_range": 1.0, "jitter_noise": 0.01},
+}
+
+
 @dataclass
 class MixLoraConfig:
+    """MixLoRA's hyperparameters; every default lives here.
+
+    Args:
+        r, lora_alpha, lora_dropout: LoRA rank, alpha (scaling alpha/r, or alpha/sqrt(r) with
+            `use_rslora`) and input dropout, for the attention LoRAs and (unless `expert_lora`) the experts.
+        target_modules: projections that get adapters: attention `q/k/v/o_proj` (one LoRA each) and
+            FFN `gate/up/down_proj` (one LoRA per expert); at least one FFN projection.
+        routing_strategy: `mixlora` (top-k softmax router) or `mixlora-switch` (top-1 with capacity).
+        num_experts: experts per FFN.
+        top_k: experts per token; None gives the strategy's default (2 for `mixlora`, 1 for switch).
+        router_aux_loss_coef: weight of the load-balance loss (the reference code's 0.001; the
+            paper's Table 9 finds 1e-3 best).
+        router_init_range: std of the router's normal init; None gives 0.02 (`mixlora`) or 1.0 (switch).
+        jitter_noise: multiply the router input by U(1-eps, 1+eps) in training; None gives 0.0
+            (`mixlora`) or 0.01 (switch).
+        use_dora, use_rslora: DoRA adapters (MixDoRA experts) and rank-stabilised scaling.
+        expert_capacity: switch routing only: tokens an expert takes per sequence; the rest use the frozen FFN.
+        router_z_loss_coef: switch routing only: weight of the router z-loss.
+        expert_lora: separate r/alpha/dropout for the experts (reference key `expert_lora`).
+        act_fn: FFN activation name, filled from the base model when None.
+        base_model_name_or_path: filled from the base model when None.
+    """
+
     r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(ALL_TARGETS))
     routing_strategy: str = "mixlora"
     num_experts: int = 8
-    top_k: int | None = None  # None: 2 for 'mixlora', 1 for 'mixlora-switch'
+    top_k: int | None = None
     router_aux_loss_coef: float = 0.001
-    router_init_range: float = 0.02
-    jitter_noise: float = 0.0
+    router_init_range: float | None = None
+    jitter_noise: float | None = None
     use_dora: bool = False
     use_rslora: bool = False
     expert_capacity: int = 32
@@ -74,8 +105,9 @@ class MixLoraConfig:
         if self.routing_strategy not in ROUTING_STRATEGIES:
             raise bad("routing_strategy", self.routing_strategy, f"one of {list(ROUTING_STRATEGIES)}")
         _check_int(self.num_experts, "num_experts", 1, bad)
-        if self.top_k is None:
-            self.top_k = 1 if self.routing_strategy == "mixlora-switch" else 2
+        for name, default in ROUTER_DEFAULTS[self.routing_strategy].items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
         _check_int(self.top_k, "top_k", 1, bad)
         if self.routing_strategy == "mixlora-switch":
             if self.top_k != 1:

@@ -42,7 +42,7 @@ def run_demo(base: str = "smollm2-135m", out_dir: str = "runs/demo", steps: int 
         losses.append(out.loss.item())
         print(f"step {step}: loss {out.loss.item():.4f} (aux {out.aux_loss.item():.5f}) "
               f"in {time.perf_counter() - t:.2f}s")
-    counts = mix.routing_statistics()
+    counts = mix.routing_statistics(batch["attention_mask"])
     print(f"routing, layer 0 tokens per expert: {counts[0].tolist()} "
           f"(sum {int(counts[0].sum())} = {int(batch['attention_mask'].sum())} tokens x top_k {config.top_k})")
 

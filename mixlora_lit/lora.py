@@ -150,7 +150,7 @@ class LoraAdapter(nn.Module):
         norm = torch.linalg.vector_norm(weight, dim=1).detach()
         return self.lora_magnitude / norm
 
-    def apply(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+    def adapted_output(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Linear) -> torch.Tensor:
         """Output of the adapted layer given the frozen layer's output `base_out = base(x)`."""
         delta = self.delta(x)
         if not self.use_dora:
@@ -196,7 +196,7 @@ class LoraLinear(LoraAdapter):
         base_out = self.base_layer(x)
         if self.merged:
             return base_out
-        return self.apply(x, base_out, self.base_layer)
+        return self.adapted_output(x, base_out, self.base_layer)
 
     @torch.no_grad()
     def merge(self) -> None:

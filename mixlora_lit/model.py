@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
+from . import adapter_io
 from .config import FFN_TARGETS, MixLoraConfig
 from .lora import LoraLinear
 from .losses import load_balance_loss, router_z_loss
@@ -25,8 +25,6 @@ from .moe import MixLoraMoeFFN, set_execution_path, set_recompute_experts
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3", "gemma3_text")
-_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
-_ADAPTER_PARAM = re.compile(r"\.(lora_A|lora_B|lora_magnitude|moe_gate)\b")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -110,7 +108,6 @@ class MixLoraModel(nn.Module):
         super().__init__()
         self.base_model = base_model
         self.mixlora_config = config
-        self._last_attention_mask: tuple[torch.Tensor | None, object] | None = None
         self._moe_layers = [m for m in base_model.modules() if isinstance(m, MixLoraMoeFFN)]
 
     def __getattr__(self, name: str) -> Any:
@@ -165,8 +162,6 @@ class MixLoraModel(nn.Module):
             raise RuntimeError("aux_loss() needs a forward pass first")
         logits = [r.logits for r in routings]
         mask = self._token_mask(attention_mask, logits[0].shape[0])
-        # Remember which forward this mask belongs to, so statistics never pair it with another one.
-        self._last_attention_mask = (mask, routings[0])
         cfg = self.mixlora_config
         loss = cfg.router_aux_loss_coef * load_balance_loss(logits, cfg.top_k, mask)
         if cfg.routing_strategy == "mixlora-switch" and cfg.router_z_loss_coef > 0:
@@ -175,25 +170,25 @@ class MixLoraModel(nn.Module):
 
     # ------------------------------------------------------------------ statistics
     @torch.no_grad()
-    def routing_statistics(self) -> torch.Tensor:
+    def routing_statistics(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens per expert per layer in the last forward, shape [layers, experts] (int64).
 
-        Padding tokens (attention mask 0) are not counted, nor tokens a switch router sent past
-        an expert's capacity to the frozen FFN: each real token contributes `top_k` counts.
+        Pass that forward's `attention_mask` to leave padding tokens out; without it every token
+        counts. Tokens a switch router sent past an expert's capacity to the frozen FFN are not
+        counted: each counted token contributes `top_k` counts.
         """
         layers = self.moe_layers()
         if any(m.last_routing is None for m in layers):
             raise RuntimeError("routing_statistics() needs a forward pass first")
-        mask = None
-        if self._last_attention_mask is not None and self._last_attention_mask[1] is layers[0].last_routing:
-            mask = self._last_attention_mask[0]  # else the last forward bypassed the wrapper: count all
+        num_tokens = layers[0].last_routing.experts.shape[0]
+        mask = self._token_mask(attention_mask, num_tokens)
+        if attention_mask is not None and mask is None:
+            raise ValueError(f"routing_statistics: attention_mask of shape {tuple(attention_mask.shape)} does not "
+                             f"match the last forward's {num_tokens} tokens")
         rows = []
         for module in layers:
             experts = module.last_routing.experts
-            keep = torch.ones(experts.shape[0], dtype=torch.bool, device=experts.device)
-            if mask is not None:
-                keep = mask.reshape(-1).bool()
-            chosen = experts[keep].reshape(-1)
+            chosen = (experts if mask is None else experts[mask.reshape(-1).bool()]).reshape(-1)
             counts = torch.bincount(chosen, minlength=module.num_experts + 1)[: module.num_experts]
             rows.append(counts)
         return torch.stack(rows).cpu()
@@ -201,11 +196,7 @@ class MixLoraModel(nn.Module):
     # ------------------------------------------------------------------ parameters
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Adapter tensors under the reference key names (`mixlora.layers.{l}....`)."""
-        out = {}
-        for name, tensor in self.base_model.state_dict().items():
-            if _ADAPTER_PARAM.search(name):
-                out[reference_key(name)] = tensor
-        return out
+        return adapter_io.adapter_state_dict(self.base_model)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -242,26 +233,24 @@ class MixLoraModel(nn.Module):
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        from .adapter_io import save_adapter
-
-        save_adapter(self, directory)
+        """`adapter_config.json` + `adapter_model.safetensors` (PEFT's layout, the reference key names)."""
+        adapter_io.save_adapter(self.adapter_state_dict(), self.mixlora_config, directory)
 
     def export_reference(self, directory: str | os.PathLike) -> None:
-        from .adapter_io import export_reference
-
-        export_reference(self, directory)
+        """`adapter_config.json` + `adapter_model.bin` for the reference `mixlora` package."""
+        adapter_io.export_reference(self.adapter_state_dict(), self.mixlora_config, directory)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike,
                         adapter_dtype: torch.dtype = torch.float32, is_trainable: bool = False) -> "MixLoraModel":
-        from .adapter_io import load_adapter
-
-        return load_adapter(base_model, directory, adapter_dtype=adapter_dtype, is_trainable=is_trainable)
-
-
-def reference_key(name: str) -> str:
-    """`model.layers.3.mlp.gate_proj.experts.0.lora_A.weight` -> `mixlora.layers.3.mlp....`"""
-    match = _LAYER_KEY.search(name)
-    if match is None:
-        raise ValueError(f"adapter parameter {name!r} is not inside a decoder layer")
-    return f"mixlora.layers.{match.group(1)}.{match.group(2)}"
+        """Inject the saved adapter's config into `base_model` and load its weights (safetensors or the
+        reference `.bin`). Frozen and in eval mode unless `is_trainable`."""
+        config = MixLoraConfig.from_pretrained(directory)
+        weights, path = adapter_io.read_adapter_weights(directory)
+        model = get_mixlora_model(base_model, config, adapter_dtype=adapter_dtype)
+        adapter_io.copy_adapter_weights(model.adapter_state_dict(), weights, path, config.base_model_name_or_path)
+        if not is_trainable:
+            for param in model.parameters():
+                param.requires_grad_(False)
+            model.eval()
+        return model

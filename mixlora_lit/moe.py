@@ -29,9 +29,7 @@ from .kernels import ExpertLayout, ExpertPlan, FusedLoraExperts, RowGather, RowS
 from .lora import FastDropout, LoraAdapter
 from .routers import Routing, SwitchRouter, TopKRouter
 
-# `per_expert_down` (fused gate/up, W2 once per (token, expert)) is the reference code's fast path,
-# kept to measure what factoring W2 out of the sum buys.
-EXECUTION_PATHS = ("fused", "reference", "per_expert_down")
+EXECUTION_PATHS = ("fused", "reference")
 
 
 class MoeProjection(nn.Module):
@@ -64,6 +62,9 @@ class MixLoraMoeFFN(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.top_k
         self.execution = "fused"
+        # W2 once per token on the gate-weighted sum. False runs it per (token, expert) as the
+        # reference code's fast path does: an ablation benchmarks/bench_step.py measures.
+        self.factor_down = True
         # Recompute the experts in backward instead of keeping their [tokens x k, FFN] activations:
         # MixLoRA's extra activation memory is per (token, expert); this trades compute for memory.
         self.recompute_experts = False
@@ -109,11 +110,11 @@ class MixLoraMoeFFN(nn.Module):
 
     def _project(self, name: str, e: int, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         adapter = self._expert(name, e)
-        return base_out if adapter is None else adapter.apply(x, base_out, self._base(name))
+        return base_out if adapter is None else adapter.adapted_output(x, base_out, self._base(name))
 
     def _down_is_factored(self) -> bool:
         down = getattr(self, "down_proj")
-        return self.execution != "per_expert_down" and not (isinstance(down, MoeProjection) and down.use_dora)
+        return self.factor_down and not (isinstance(down, MoeProjection) and down.use_dora)
 
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -121,17 +122,29 @@ class MixLoraMoeFFN(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         routing = self.moe_gate(x, batch_shape=tuple(shape[:-1]) if len(shape) == 3 else None)
         self.last_routing = routing
+        paths = {"reference": self._forward_reference, "dense_inference": self._forward_dense_inference,
+                 "fused_recompute": self._forward_fused_recompute, "fused": self._forward_fused}
+        return paths[self.current_path()](x, routing).reshape(shape)
+
+    def current_path(self) -> str:
+        """The path a forward takes now, all computing the same function:
+
+        - `reference`: chosen with `set_execution_path("reference")`, the paper's formula as written;
+        - `dense_inference`: without autograd, no dropout and plain LoRA on gate, up and down;
+        - `fused_recompute`: training with `recompute_experts`, the fused path recomputed in backward;
+        - `fused`: everything else (the one-kernel experts when `_plain_lora_everywhere()`).
+        """
         if self.execution == "reference":
-            y = self._forward_reference(x, routing)
-        elif (self.dense_inference and not torch.is_grad_enabled() and self._plain_lora_everywhere()
-              and not self._expert_dropout_threshold()):
-            y = self._forward_dense_inference(x, routing)
-        elif self.recompute_experts and self.training and torch.is_grad_enabled():
-            # Dropout masks are reproduced in the recomputation (the RNG state is restored).
-            y = checkpoint(self._forward_fused, x, routing, use_reentrant=False)
-        else:
-            y = self._forward_fused(x, routing)
-        return y.reshape(shape)
+            return "reference"
+        if torch.is_grad_enabled():
+            return "fused_recompute" if self.recompute_experts and self.training else "fused"
+        if self.dense_inference and self._plain_lora_everywhere() and not self._expert_dropout_threshold():
+            return "dense_inference"
+        return "fused"
+
+    def _forward_fused_recompute(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        # Dropout masks are reproduced in the recomputation (the RNG state is restored).
+        return checkpoint(self._forward_fused, x, routing, use_reentrant=False)
 
     def _forward_reference(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Each routed (token, expert) pair runs the expert's whole FFN: the paper's formula."""
@@ -156,7 +169,7 @@ class MixLoraMoeFFN(nn.Module):
 
     def _plain_lora_everywhere(self) -> bool:
         """Gate, up and down all carry plain LoRA experts: the case `FusedLoraExperts` computes."""
-        return self.execution == "fused" and all(
+        return self.execution == "fused" and self.factor_down and all(
             isinstance(getattr(self, n), MoeProjection) and not getattr(self, n).use_dora for n in FFN_TARGETS)
 
     def _forward_dense_inference(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -282,8 +295,8 @@ class MixLoraMoeFFN(nn.Module):
                 if adapter is not None:
                     out_parts.append(adapter.delta(h) * we.to(h.dtype))
                     out_slices.append(sl)
-            else:  # DoRA down projection (or per_expert_down): W2 runs per (token, expert)
-                out = down(h) if adapter is None else adapter.apply(h, down(h), down)
+            else:  # DoRA down projection (or factor_down off): W2 runs per (token, expert)
+                out = down(h) if adapter is None else adapter.adapted_output(h, down(h), down)
                 out_parts.append(out * we.to(out.dtype))
                 out_slices.append(sl)
 

@@ -16,7 +16,10 @@ TOL = 1e-9
 
 
 def _run(model, ids, mask, path):
-    model.set_execution_path(path)
+    """path: `reference`, `fused`, or `per_expert_down` (fused with W2 per (token, expert), the ablation)."""
+    model.set_execution_path("fused" if path == "per_expert_down" else path)
+    for module in model.moe_layers():
+        module.factor_down = path != "per_expert_down"
     model.zero_grad(set_to_none=True)
     out = model(input_ids=ids, attention_mask=mask)
     weights = torch.linspace(-1, 1, out.logits.numel(), dtype=out.logits.dtype).reshape(out.logits.shape)
@@ -49,6 +52,8 @@ def _compare(model, ids, mask, paths=("fused", "per_expert_down")):
     MixLoraMoeFFN._forward_dense_inference = spy
     try:
         model.set_execution_path("fused")
+        for module in model.moe_layers():
+            module.factor_down = True
         with torch.no_grad():
             dense_logits = model(input_ids=ids, attention_mask=mask).logits
     finally:

@@ -138,3 +138,20 @@ def test_topk_router_renormalises_and_jitters_only_in_training():
     assert torch.allclose(a.weights, top.values / top.values.sum(-1, keepdim=True))
     router.train()
     assert not torch.equal(router(x).logits, router(x).logits)
+
+
+def test_nn_module_apply_reaches_every_adapter():
+    """`model.apply(fn)` is nn.Module's: it visits every submodule (it used to hit LoraAdapter's own `apply`)."""
+    from mixlora_lit import LoraAdapter
+
+    model = get_mixlora_model(tiny_llama(), MixLoraConfig(r=2, lora_alpha=4, num_experts=3))
+    seen = []
+
+    def init(module):
+        if isinstance(module, LoraAdapter):
+            torch.nn.init.ones_(module.lora_B.weight)
+            seen.append(module)
+
+    assert model.apply(init) is model
+    # 2 layers x (4 attention LoRAs + 3 FFN projections x 3 experts)
+    assert len(seen) == 2 * (4 + 3 * 3) and all(bool((m.lora_B.weight == 1).all()) for m in seen)

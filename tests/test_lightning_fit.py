@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from mixlora_lit import runs
+from mixlora_lit.data.prepare import read_split
 from mixlora_lit.lightning.cli import run
 from mixlora_lit.lightning.module import MixLoraLitModule
 
@@ -30,8 +35,90 @@ def _args(tiny_model_dir, prepared_data, root, *extra, method="mixlora", steps=3
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv") as fh:
+    with open(run_dir / runs.METRICS) as fh:
         return list(csv.DictReader(fh))
+
+
+def _logged(run_dir: Path, key: str) -> float:
+    """The last value of `key` in metrics.csv."""
+    values = [float(r[key]) for r in _metrics(run_dir) if r.get(key)]
+    assert values, key
+    return values[-1]
+
+
+def _check_predictions_match_logged(run_dir: Path, split: str, data_dir: Path, per_task: int) -> list[dict]:
+    """predictions/<split>.jsonl: each capped example exactly once, with its prepared record id and
+    the gold label of that record; per-task accuracy equal to the logged `<split>/<task>/acc`."""
+    rows = runs.read_jsonl(runs.predictions_path(run_dir, split))
+    assert all(set(runs.PREDICTION_KEYS) <= set(r) for r in rows)
+    assert len({(r["task"], r["id"]) for r in rows}) == len(rows) == per_task * len(TASKS)
+    source = "dev" if split == "val" else "test"
+    for task in TASKS:
+        records = {r["id"]: r for r in read_split(task, source, data_dir)}
+        mine = [r for r in rows if r["task"] == task]
+        assert len(mine) == per_task and all(r["label"] == records[r["id"]]["label"] for r in mine)
+        assert all(r["correct"] == (r["label"] == r["prediction"]) and r["protocol"] == "paper" for r in mine)
+    from_file = runs.accuracy_by_task(rows)
+    for task in TASKS:
+        assert from_file[task] == pytest.approx(_logged(run_dir, f"{split}/{task}/acc"), abs=1e-6)
+    assert from_file["avg"] == pytest.approx(_logged(run_dir, f"{split}/avg_acc"), abs=1e-6)
+    return rows
+
+
+RECORD_KEYS = ("method", "base", "protocol", "tasks", "seed", "trainable_params", "total_params", "global_step",
+               "wall_time_s", "tokens_per_s", "val", "test", "status", "versions", "git_commit", "hardware")
+
+
+def test_fit_with_test_after_fit_leaves_a_complete_run_record(tiny_model_dir, prepared_data, tmp_path):
+    data_dir, _ = prepared_data
+    cli = run(_args(tiny_model_dir, prepared_data, tmp_path, "--test_after_fit=true", "--run_name=records"))
+    run_dir = Path(cli.trainer.log_dir)
+    record = json.loads((run_dir / runs.RUN_RECORD).read_text())
+    assert set(RECORD_KEYS) <= set(record)
+    assert record["status"] == "finished" and record["stage"] == "test" and record["error"] is None
+    assert (record["method"], record["base"], record["protocol"], record["tasks"], record["seed"]) == \
+        ("mixlora", str(tiny_model_dir), "paper", TASKS, 7)
+    trainable, total = cli.model.model.get_nb_trainable_parameters()
+    assert (record["trainable_params"], record["total_params"]) == (trainable, total) and 0 < trainable < total
+    assert record["global_step"] == 3 and record["wall_time_s"] > 0 and record["tokens_per_s"] > 0
+    tokens_logged = sorted(float(r["train/tokens_per_sec"]) for r in _metrics(run_dir) if r.get("train/tokens_per_sec"))
+    assert tokens_logged[0] <= record["tokens_per_s"] <= tokens_logged[-1]
+    assert record["versions"]["torch"] == torch.__version__ and record["hardware"]["threads"] == torch.get_num_threads()
+    assert record["run_name"] == "records" and record["adapter"]["num_experts"] == 4
+    for split, per_task in (("val", 6), ("test", 6)):
+        rows = _check_predictions_match_logged(run_dir, split, data_dir, per_task)
+        assert record[split] == pytest.approx(runs.accuracy_by_task(rows))
+        assert set(record[split]) == set(TASKS) | {"avg"}
+    assert set(record["routing"]) == {"val", "test"}
+    assert record["routing"]["test"]["load_entropy"] == pytest.approx(_logged(run_dir, "test/routing/load_entropy"))
+    loaded = runs.read_run(run_dir)  # the reader sees the same
+    assert loaded.status == "finished" and loaded.has_adapter and loaded.record.test == record["test"]
+    assert [h["stage"] for h in loaded.eval_history] == ["val", "test"]
+
+
+def test_a_killed_fit_leaves_a_whole_record_saying_running(tiny_model_dir, prepared_data, tmp_path):
+    args = _args(tiny_model_dir, prepared_data, tmp_path, "--data.train_cap=200", "--checkpoint.every_n_train_steps=1",
+                 "--trainer.val_check_interval=100", steps=500)
+    child = subprocess.Popen([sys.executable, "-m", "mixlora_lit.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline, checkpoint = time.time() + 240, None
+        while time.time() < deadline and child.poll() is None:
+            found = list(tmp_path.rglob(runs.LAST_CHECKPOINT))
+            if found:
+                checkpoint = found[0]
+                break
+            time.sleep(0.2)
+        assert checkpoint is not None, "training never wrote a checkpoint"
+        time.sleep(1.0)  # mid-training, with checkpoints and records being rewritten every step
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    run_dir = checkpoint.parent.parent
+    record = json.loads((run_dir / runs.RUN_RECORD).read_text())
+    assert record["status"] == "running" and record["stage"] == "fit" and record["global_step"] >= 1
+    assert runs.read_run(run_dir).status == "running"
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("method", ["mixlora", "mixlora-switch", "lora", "dora"])
@@ -136,6 +223,11 @@ def test_validate_and_test_report_every_task(tiny_model_dir, prepared_data, tmp_
         if subcommand == "validate":  # the checkpoint was restored: same scores as at the end of fit
             for t in TASKS:
                 assert metrics[f"val/{t}/acc"] == fit.trainer.callback_metrics[f"val/{t}/acc"]
+        run_dir = Path(cli.trainer.log_dir)
+        record = runs.read_record(run_dir)
+        assert record.status == "finished" and record.stage == subcommand and record.global_step == 3
+        assert record.resumed_from == str(ckpt)
+        _check_predictions_match_logged(run_dir, stage, prepared_data[0], 6)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_model_dir, prepared_data, tmp_path):
@@ -148,6 +240,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_mo
     ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == step
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    record = runs.read_record(next(tmp_path.rglob(runs.RUN_RECORD)).parent)
+    assert record.status == "failed" and record.error.startswith("FloatingPointError: non-finite")
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -176,7 +270,7 @@ def test_bad_config_fails_before_loading_a_model(bad, message, tiny_model_dir, p
 
 def test_ddp_two_cpu_processes(tiny_model_dir, prepared_data, tmp_path):
     args = _args(tiny_model_dir, prepared_data, tmp_path, "--trainer.strategy=ddp", "--trainer.devices=2",
-                 "--trainer.accelerator=cpu", steps=2)
+                 "--trainer.accelerator=cpu", "--test_after_fit=true", "--data.test_cap=7", steps=2)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "mixlora_lit.cli", *args], capture_output=True, text=True,
                             env=env, timeout=300)
@@ -189,7 +283,13 @@ def test_ddp_two_cpu_processes(tiny_model_dir, prepared_data, tmp_path):
     base, _ = load_base_model(str(tiny_model_dir), dtype="fp32")
     model = MixLoraModel.from_pretrained(base, adapters[0].parent)
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
-    assert "val/avg_acc" in (adapters[0].parent.parent / "metrics.csv").read_text()
+    run_dir = adapters[0].parent.parent
+    assert "val/avg_acc" in (run_dir / runs.METRICS).read_text()
+    # Both ranks' predictions gathered, each example once (7 per task: the ranks got 4 and 3 of some tasks).
+    _check_predictions_match_logged(run_dir, "test", prepared_data[0], 7)
+    _check_predictions_match_logged(run_dir, "val", prepared_data[0], 6)
+    record = runs.read_record(run_dir)
+    assert record.status == "finished" and record.hardware["devices"] == 2
 
 
 def test_module_rejects_bad_settings_directly():
@@ -219,3 +319,20 @@ def test_fit_with_bf16_mixed_precision(tiny_model_dir, prepared_data, tmp_path):
     losses = [float(r["train/lm_loss"]) for r in _metrics(Path(cli.trainer.log_dir)) if r.get("train/lm_loss")]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert cli.trainer.precision == "bf16-mixed"
+
+
+def test_python_and_cli_switch_configs_are_equal(tiny_model_dir, prepared_data, tmp_path):
+    """`--model.adapter.method=mixlora-switch` builds the config `MixLoraConfig(routing_strategy=...)` builds,
+    with the switch router's own defaults (init range 1.0, jitter 0.01) from MixLoraConfig."""
+    from mixlora_lit import MixLoraConfig
+    from mixlora_lit.lightning.cli import MixLoraCLI
+    from mixlora_lit.lightning.datamodule import MultiTaskDataModule
+
+    args = [a for a in _args(tiny_model_dir, prepared_data, tmp_path, method="mixlora-switch")[1:]
+            if not a.startswith(("--model.adapter.r=", "--model.adapter.lora_alpha=", "--model.adapter.num_experts="))]
+    cli = MixLoraCLI(MixLoraLitModule, MultiTaskDataModule, args=args, run=False)
+    python = MixLoraConfig(routing_strategy="mixlora-switch", r=16, lora_alpha=32,
+                           base_model_name_or_path=str(tiny_model_dir))
+    assert cli.model.mixlora_config == python
+    assert (python.top_k, python.router_init_range, python.jitter_noise) == (1, 1.0, 0.01)
+    assert MixLoraConfig().router_init_range == 0.02 and MixLoraConfig().jitter_noise == 0.0

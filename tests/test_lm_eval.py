@@ -116,9 +116,9 @@ def test_label_token_accuracy_matches_predictions_from_full_logits(smollm2_fp32,
     """Projecting only the needed positions (logits_to_keep) picks what the full logits pick."""
     import torch
 
-    from mixlora_lit.data.encoding import collate_eval, encode_records, label_token_predictions
+    from mixlora_lit.data.encoding import collate_eval, encode_records, label_token_predictions, logits_at
     from mixlora_lit.data.prepare import read_split
-    from mixlora_lit.evaluation.harness import _logits_at, label_token_accuracy
+    from mixlora_lit.evaluation.harness import label_token_accuracy
 
     model, _ = smollm2_fp32
     data_dir, _ = prepared_data
@@ -134,7 +134,7 @@ def test_label_token_accuracy_matches_predictions_from_full_logits(smollm2_fp32,
         preds = label_token_predictions(logits, batch["last_index"], batch["choice_ids"])
         expected = (preds == batch["label"]).float().mean().item()
         with torch.no_grad():
-            picked = _logits_at(model, batch["input_ids"], batch["attention_mask"], batch["last_index"])
+            picked = logits_at(model, batch["input_ids"], batch["attention_mask"], batch["last_index"])
         assert len(set(batch["last_index"].tolist())) > 1  # rows of different lengths
         full = logits[torch.arange(len(examples)), batch["last_index"]]
         assert (picked - full).abs().max().item() < 1e-3

@@ -52,7 +52,8 @@ def test_family(family):
 
 
 def test_model_layer_does_not_import_lightning():
-    code = ("import sys, mixlora_lit, mixlora_lit.base_models, mixlora_lit.baselines, mixlora_lit.adapter_io; "
+    code = ("import sys, mixlora_lit, mixlora_lit.model, mixlora_lit.base_models, mixlora_lit.baselines, "
+            "mixlora_lit.adapter_io, mixlora_lit.evaluation.harness; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -49,7 +49,7 @@ def test_a_few_steps_lower_the_loss_and_routing_counts_add_up(mixlora_smollm2):
         opt.step()
         opt.zero_grad()
         losses.append(out.loss.item())
-        counts = mix.routing_statistics()
+        counts = mix.routing_statistics(batch["attention_mask"])
         assert counts.shape == (30, 8)
         real_tokens = int(batch["attention_mask"].sum())
         assert counts.sum(dim=1).tolist() == [real_tokens * 2] * 30

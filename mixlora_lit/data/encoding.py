@@ -43,6 +43,7 @@ class Encoded:
     label: int  # gold choice index
     choice_ids: list[int]  # label token id of every choice
     truncated: bool
+    record_id: str = ""  # the prepared record's `id` (unique within its task)
 
 
 def encode_records(records: list[dict[str, Any]], tokenizer, protocol: str, task_index: dict[str, int],
@@ -80,7 +81,7 @@ def encode_records(records: list[dict[str, Any]], tokenizer, protocol: str, task
                 body = body[-room:] if truncated else body
                 prompt = prefix + body
                 out.append(Encoded(prompt + answer, len(prompt), task_index[record["task"]], record["label"],
-                                   [label_cache[lab] for lab in labels], truncated))
+                                   [label_cache[lab] for lab in labels], truncated, str(record.get("id", ""))))
             bar.update(len(ids_batch))
     return out
 
@@ -101,7 +102,8 @@ def collate_train(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tenso
 
 
 def collate_eval(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompts, the position of each prompt's last token, the choice label ids (-1 pads)."""
+    """Right-padded prompts, the position of each prompt's last token, the choice label ids (-1 pads),
+    and the record ids (a list of str, for per-example predictions)."""
     width = max(len(e.input_ids) for e in examples)
     max_choices = max(len(e.choice_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -113,7 +115,8 @@ def collate_eval(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor
         mask[i, :n] = 1
         choices[i, : len(e.choice_ids)] = torch.tensor(e.choice_ids)
     return {"input_ids": ids, "attention_mask": mask, "last_index": mask.sum(1) - 1, "choice_ids": choices,
-            "label": torch.tensor([e.label for e in examples]), "task": torch.tensor([e.task for e in examples])}
+            "label": torch.tensor([e.label for e in examples]), "task": torch.tensor([e.task for e in examples]),
+            "id": [e.record_id for e in examples]}
 
 
 def label_token_predictions(logits: torch.Tensor, last_index: torch.Tensor, choice_ids: torch.Tensor) -> torch.Tensor:
@@ -126,3 +129,18 @@ def label_token_predictions(logits: torch.Tensor, last_index: torch.Tensor, choi
     scores = logits.gather(1, choice_ids.clamp_min(0)).float()
     scores = scores.masked_fill(choice_ids < 0, float("-inf"))
     return scores.argmax(dim=1)
+
+
+def logits_at(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              last_index: torch.Tensor) -> torch.Tensor:
+    """[B, V] logits at each row's `last_index`, projecting only those positions through the LM head
+    (`logits_to_keep`) instead of every position of the batch."""
+    positions = torch.unique(last_index)  # sorted; rows of similar length share positions
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits
+    return logits[torch.arange(logits.shape[0], device=logits.device), torch.searchsorted(positions, last_index)]
+
+
+def predict_label_tokens(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The paper's prediction (choice index) for every example of a `collate_eval` batch on the model's device."""
+    logits = logits_at(model, batch["input_ids"], batch["attention_mask"], batch["last_index"])
+    return label_token_predictions(logits, batch["last_index"], batch["choice_ids"])

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..data.encoding import collate_eval, encode_records, label_token_predictions
+from ..data.encoding import collate_eval, encode_records, predict_label_tokens
 from ..data.prepare import default_data_dir, read_split
 from ..data.tasks import PAPER_ALL, get_task
 
@@ -102,23 +102,13 @@ def label_token_accuracy(model: torch.nn.Module, tokenizer, tasks, limit: int | 
             for start in range(0, len(examples), batch_size):
                 batch = collate_eval(examples[start:start + batch_size], tokenizer.pad_token_id)
                 device = next(model.parameters()).device
-                logits = _logits_at(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                    batch["last_index"].to(device))
-                preds = label_token_predictions(logits, batch["last_index"].to(device), batch["choice_ids"].to(device))
+                preds = predict_label_tokens(model, {k: v.to(device) if torch.is_tensor(v) else v
+                                                     for k, v in batch.items()})
                 correct += int((preds.cpu() == batch["label"]).sum())
             scores[name] = {"acc": correct / max(1, len(examples)), "n": len(examples)}
     finally:
         model.train(was_training)
     return scores
-
-
-def _logits_at(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               last_index: torch.Tensor) -> torch.Tensor:
-    """[B, V] logits at each row's `last_index`, projecting only those positions through the LM head
-    (`logits_to_keep`) instead of every position of the batch."""
-    positions = torch.unique(last_index)  # sorted; rows of similar length share positions
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits
-    return logits[torch.arange(logits.shape[0], device=logits.device), torch.searchsorted(positions, last_index)]
 
 
 def format_table(lm_eval: dict[str, dict[str, float]] | None, label_token: dict[str, dict[str, float]] | None) -> str:

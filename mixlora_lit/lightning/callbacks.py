@@ -10,12 +10,14 @@ import lightning.pytorch as pl
 
 class TokenThroughput(pl.Callback):
     """Logs `train/tokens_per_sec` (real, non-padding tokens) and `train/examples_per_sec`,
-    averaged over the last `window` optimizer steps."""
+    averaged over the last `window` optimizer steps. `history` keeps every logged tokens/s value
+    (the run record reports their median)."""
 
     def __init__(self, window: int = 10) -> None:
         self.window = window
         self._steps: deque[tuple[float, int, int]] = deque(maxlen=window)
         self._start = 0.0
+        self.history: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = time.perf_counter()
@@ -25,7 +27,8 @@ class TokenThroughput(pl.Callback):
         self._steps.append((time.perf_counter() - self._start, tokens, batch["input_ids"].shape[0] * trainer.world_size))
         elapsed = sum(s[0] for s in self._steps)
         if elapsed > 0:
-            pl_module.log("train/tokens_per_sec", sum(s[1] for s in self._steps) / elapsed, prog_bar=True)
+            self.history.append(sum(s[1] for s in self._steps) / elapsed)
+            pl_module.log("train/tokens_per_sec", self.history[-1], prog_bar=True)
             pl_module.log("train/examples_per_sec", sum(s[2] for s in self._steps) / elapsed)
 
 
@@ -71,11 +74,12 @@ class LmEvalCallback(pl.Callback):
 
     def run(self, trainer, pl_module) -> dict | None:
         import json
-        from pathlib import Path
 
+        from .. import runs
         from ..evaluation.harness import label_token_accuracy, lm_eval_scores, run_lm_eval
+        from .records import run_dir
 
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # collective under DDP: every rank
+        directory = run_dir(trainer)  # collective under DDP: every rank
         results = None
         if trainer.global_rank == 0:
             dm = getattr(trainer, "datamodule", None)
@@ -92,9 +96,8 @@ class LmEvalCallback(pl.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
                 logger.save()
-            out = run_dir / "lm_eval" / f"step_{trainer.global_step}.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=1, default=str))
+            out = runs.write_text_atomic(runs.lm_eval_path(directory, trainer.global_step),
+                                         json.dumps(results, indent=1, default=str))
             self.history.append({"step": trainer.global_step, "metrics": metrics, "file": str(out)})
         trainer.strategy.barrier("lm_eval")
         return results

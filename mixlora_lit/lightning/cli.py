@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from .. import runs
 from .callbacks import TokenThroughput
 from .datamodule import MultiTaskDataModule
 from .module import MixLoraLitModule
+from .records import RunRecorder, run_dir
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -19,6 +18,8 @@ class MixLoraCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--validate_at_start", type=bool, default=False,
                             help="fit: run a full validation pass before the first step (the base model's score)")
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="fit: run the test split after fitting, in the same process on the same model")
         parser.add_argument("--run_name", type=str | None, default=None,
                             help="runs go to runs/<run_name>/version_N unless trainer.default_root_dir is set")
         parser.link_arguments("model.base", "data.tokenizer")
@@ -39,7 +40,10 @@ class MixLoraCLI(LightningCLI):
             root = trainer_config.get("default_root_dir") or f"runs/{run_name or 'default'}"
             csv = CSVLogger(root, name="")
             kwargs["logger"] = [csv, TensorBoardLogger(root, name="", version=csv.version)]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        # Not a configurable callback: every run directory gets its records (mixlora_lit.runs).
+        trainer.callbacks.append(RunRecorder(run_name=self._get(self.config_init, "run_name", default=None)))
+        return trainer
 
     def before_fit(self) -> None:
         cfg = self.config[self.subcommand]
@@ -47,6 +51,8 @@ class MixLoraCLI(LightningCLI):
             self.trainer.validate(self.model, datamodule=self.datamodule)
 
     def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit"):
+            self.trainer.test(self.model, datamodule=self.datamodule)
         self._summarise()
 
     def after_validate(self) -> None:
@@ -56,23 +62,21 @@ class MixLoraCLI(LightningCLI):
         self._summarise()
 
     def _summarise(self) -> None:
-        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # collective: all ranks
+        """Print the first and last evaluation passes (and the test pass) and where the record is."""
+        directory = run_dir(self.trainer)  # collective: all ranks
         if self.trainer.global_rank != 0:
             return
         history = [h for h in self.model.eval_history if h.get("acc")]
         if not history:
             return
-        tasks = self.model.task_names
-        first, last = history[0], history[-1]
-        rows = [f"{'task':<15}" + "".join(f"{h['stage']}@{h['step']:<6}".rjust(14) for h in (first, last))]
-        for task in tasks + ["avg"]:
-            vals = [h["acc"].get(task) if task != "avg" else h.get("avg_acc") for h in (first, last)]
+        val = [h for h in history if h["stage"] == "val"]
+        shown = ([val[0]] if len(val) > 1 else []) + val[-1:] + [h for h in history if h["stage"] == "test"][-1:]
+        rows = [f"{'task':<15}" + "".join(f"{h['stage']}@{h['step']}".rjust(14) for h in shown)]
+        for task in self.model.task_names + ["avg"]:
+            vals = [h["acc"].get(task) if task != "avg" else h.get("avg_acc") for h in shown]
             rows.append(f"{task:<15}" + "".join(f"{v:14.4f}" if v is not None else " " * 14 for v in vals))
         print("\nlabel-token accuracy (the paper's protocol):\n" + "\n".join(rows))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        summary = {"first": first, "last": last, "tasks": tasks}
-        (run_dir / "results.json").write_text(json.dumps(summary, indent=1))
-        print(f"results: {run_dir / 'results.json'}")
+        print(f"run record: {directory / runs.RUN_RECORD}")
 
 
 def run(args: list[str] | None = None) -> MixLoraCLI:

@@ -9,10 +9,11 @@ RNG state); the frozen base is rebuilt from `base` when a run resumes.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,11 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 
+from .. import runs
 from ..base_models import check_source, load_base_model
 from ..baselines import get_lora_model, matched_lora_rank
-from ..config import ALL_TARGETS, MixLoraConfig
-from ..data.encoding import label_token_predictions
+from ..config import MixLoraConfig
+from ..data.encoding import predict_label_tokens
 from ..model import MixLoraModel, get_mixlora_model
+from .records import run_dir
 
 Method = Literal["mixlora", "mixlora-switch", "lora", "dora"]
 
@@ -47,42 +50,40 @@ class RoutingCounts(Metric):
         return self.counts
 
 
-def routing_health(counts: torch.Tensor) -> dict[str, float]:
-    """Load entropy (normalised to [0, 1], mean over layers), dead-expert fraction, max load share."""
-    counts = counts.double()
-    share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
-    entropy = -(share * share.clamp_min(1e-12).log()).sum(1) / math.log(counts.shape[1]) if counts.shape[1] > 1 \
-        else torch.ones(counts.shape[0], dtype=torch.float64)
-    return {"load_entropy": entropy.mean().item(), "dead_expert_frac": (counts == 0).double().mean().item(),
-            "max_load_share": share.max().item()}
+# MixLoraConfig fields a training run sets; their types and defaults come from MixLoraConfig,
+# except r and lora_alpha, whose training defaults are the paper's (16, 32).
+ADAPTER_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "num_experts", "top_k",
+                  "router_aux_loss_coef", "router_init_range", "jitter_noise", "expert_capacity",
+                  "router_z_loss_coef", "use_dora", "use_rslora")
+PAPER_ADAPTER_DEFAULTS = {"r": 16, "lora_alpha": 32.0}
 
 
-@dataclass
-class AdapterSettings:
-    """What to train. `method`: `mixlora` (top-k), `mixlora-switch`, `lora` or `dora` (HF PEFT baselines).
+def _adapter_settings_class() -> type:
+    hints = typing.get_type_hints(MixLoraConfig)
+    config_fields = {f.name: f for f in dataclasses.fields(MixLoraConfig)}
+    specs: list[tuple[str, Any, Any]] = [("method", Method, dataclasses.field(default="mixlora"))]
+    for name in ADAPTER_FIELDS:
+        source = config_fields[name]
+        if name in PAPER_ADAPTER_DEFAULTS:
+            default = dataclasses.field(default=PAPER_ADAPTER_DEFAULTS[name])
+        elif source.default_factory is not dataclasses.MISSING:
+            default = dataclasses.field(default_factory=source.default_factory)
+        else:
+            default = dataclasses.field(default=source.default)
+        specs.append((name, hints[name], default))
+    specs.append(("match_rank", bool, dataclasses.field(default=False)))
+    doc = """What to train. `method`: `mixlora` (top-k), `mixlora-switch`, `lora` or `dora` (HF PEFT baselines).
 
-    r, lora_alpha, lora_dropout, target_modules: LoRA hyperparameters (MixLoRA: per expert).
-    match_rank: for `lora`/`dora`, use the rank whose trainable parameter count matches MixLoRA with
-        this r and `num_experts` (the paper's r=80 for 16 x 8), keeping alpha/r.
-    The rest are `MixLoraConfig` fields; `router_init_range`/`jitter_noise` default to 0.02/0.0 for
-    top-k and 1.0/0.01 for switch routing; `use_dora` gives MixDoRA experts.
+    The other fields are `MixLoraConfig`'s, with its defaults and documentation (r and lora_alpha
+    default to the paper's 16 and 32 here). For `lora`/`dora`, r, lora_alpha, lora_dropout,
+    target_modules and use_rslora apply, and `match_rank: true` picks the rank whose trainable
+    parameter count matches MixLoRA with this r and `num_experts` (the paper's r=80 for 16 x 8),
+    keeping alpha/r. `use_dora` with a MixLoRA method gives MixDoRA experts.
     """
+    return dataclasses.make_dataclass("AdapterSettings", specs, namespace={"__doc__": doc, "__module__": __name__})
 
-    method: Method = "mixlora"
-    r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_TARGETS))
-    match_rank: bool = False
-    num_experts: int = 8
-    top_k: int | None = None
-    router_aux_loss_coef: float = 0.001
-    router_init_range: float | None = None
-    jitter_noise: float | None = None
-    expert_capacity: int = 32
-    router_z_loss_coef: float = 0.001
-    use_dora: bool = False
-    use_rslora: bool = False
+
+AdapterSettings = _adapter_settings_class()
 
 
 @dataclass
@@ -135,21 +136,16 @@ class MixLoraLitModule(pl.LightningModule):
             raise ValueError(f"optimizer.warmup_steps={optimizer.warmup_steps} is invalid: expected an integer >= 0")
         self.model: nn.Module | None = None
         self.task_names: list[str] = []
-        self.eval_history: list[dict[str, Any]] = []
+        self.eval_history: list[dict[str, Any]] = []  # every evaluation pass: accuracy and routing counts
+        self.last_eval: dict[str, dict[str, Any]] = {}  # split -> the last pass's scores and predictions
+        self._pending_predictions: dict[str, list] = {"val": [], "test": []}
         self.strict_loading = False  # checkpoints omit the frozen base; on_load_checkpoint checks the rest
 
     # ------------------------------------------------------------------ construction
     def _mixlora_config(self) -> MixLoraConfig:
         a = self.adapter
-        switch = a.method == "mixlora-switch"
-        return MixLoraConfig(
-            r=a.r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, target_modules=list(a.target_modules),
-            routing_strategy=a.method, num_experts=a.num_experts, top_k=a.top_k,
-            router_aux_loss_coef=a.router_aux_loss_coef,
-            router_init_range=a.router_init_range if a.router_init_range is not None else (1.0 if switch else 0.02),
-            jitter_noise=a.jitter_noise if a.jitter_noise is not None else (0.01 if switch else 0.0),
-            expert_capacity=a.expert_capacity, router_z_loss_coef=a.router_z_loss_coef, use_dora=a.use_dora,
-            use_rslora=a.use_rslora, base_model_name_or_path=self.hparams.base)
+        return MixLoraConfig(**{name: getattr(a, name) for name in ADAPTER_FIELDS}, routing_strategy=a.method,
+                             base_model_name_or_path=self.hparams.base)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -212,10 +208,7 @@ class MixLoraLitModule(pl.LightningModule):
         lm_loss, aux_loss, n_tokens = self.losses(batch)
         loss = lm_loss + aux_loss
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss or weights at global step {self.global_step} (epoch {self.current_epoch}, batch "
-                f"{batch_idx}): lm_loss={lm_loss.item()}, aux_loss={aux_loss.item()}; stopping. The last checkpoint "
-                f"saved before this step is intact; lower the learning rate or check the data.")
+            raise self._non_finite(batch_idx, f"lm_loss={lm_loss.item()}, aux_loss={aux_loss.item()}")
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/lm_loss", lm_loss, batch_size=bs)
@@ -227,10 +220,13 @@ class MixLoraLitModule(pl.LightningModule):
         # A diverging update (finite loss, overflowing weights) must stop the run before a checkpoint stores it.
         for name, param in self.model.named_parameters():
             if param.requires_grad and not torch.isfinite(param).all():
-                raise FloatingPointError(
-                    f"non-finite training loss or weights at global step {self.global_step} (epoch {epoch}, batch "
-                    f"{batch_idx}): the optimizer step made {name} non-finite; stopping. The last checkpoint saved "
-                    f"before this step is intact; lower the learning rate or check the data.")
+                raise self._non_finite(batch_idx, f"the optimizer step made {name} non-finite")
+
+    def _non_finite(self, batch_idx: int, detail: str) -> FloatingPointError:
+        return FloatingPointError(
+            f"non-finite training loss or weights at global step {self.global_step} (epoch {self.current_epoch}, "
+            f"batch {batch_idx}): {detail}; stopping. The last checkpoint saved before this step is intact; "
+            f"lower the learning rate or check the data.")
 
     # ------------------------------------------------------------------ evaluation
     def _ensure_metrics(self) -> None:
@@ -257,20 +253,20 @@ class MixLoraLitModule(pl.LightningModule):
             self._ensure_metrics()
 
     def predictions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self._hidden(batch)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["last_index"]]
-        return label_token_predictions(self._head(last), batch["last_index"], batch["choice_ids"])
+        """The paper's label-token prediction (choice index) of every example in an evaluation batch."""
+        return predict_label_tokens(self.model, batch)
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         preds = self.predictions(batch)
         correct = (preds == batch["label"]).float()
         for t, name in enumerate(self.task_names):
             sel = batch["task"] == t
             if sel.any():
                 self.acc[stage][name].update(correct[sel])
+        self._pending_predictions[stage].append(
+            (batch["task"].tolist(), list(batch["id"]), batch["label"].tolist(), preds.tolist()))
         if isinstance(self.model, MixLoraModel):
-            self.model.aux_loss(batch["attention_mask"])  # records the mask for the routing statistics
-            self.routing[stage].update(self.model.routing_statistics())
+            self.routing[stage].update(self.model.routing_statistics(batch["attention_mask"]))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -278,13 +274,31 @@ class MixLoraLitModule(pl.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return {"task": batch["task"], "prediction": self.predictions(batch), "label": batch["label"]}
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        return {"task": batch["task"], "id": batch["id"], "prediction": self.predictions(batch),
+                "label": batch["label"]}
+
+    def _gathered_predictions(self, stage: str) -> list[dict[str, Any]]:
+        """This pass's per-example predictions from every rank, each example once."""
+        protocol = getattr(self.trainer.datamodule, "protocol", None)
+        rows = [{"task": self.task_names[t], "id": i, "label": y, "prediction": p, "correct": p == y,
+                 "protocol": protocol, "step": self.trained_steps}
+                for tasks, ids, labels, preds in self._pending_predictions[stage]
+                for t, i, y, p in zip(tasks, ids, labels, preds)]
+        self._pending_predictions[stage] = []
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(parts, rows)
+            rows = [row for part in parts for row in part]
+        unique = {(r["task"], r["id"]): r for r in rows}  # the eval shards are disjoint; this only guards
+        return list(unique.values())
 
     def _eval_epoch_end(self, stage: str) -> None:
+        metrics = list(self.acc[stage].values()) + ([self.routing[stage]] if hasattr(self, "routing") else [])
         if self.trainer.sanity_checking:  # a partial pass: nothing to report
-            for metric in list(self.acc[stage].values()) + ([self.routing[stage]] if hasattr(self, "routing") else []):
+            for metric in metrics:
                 metric.reset()
+            self._pending_predictions[stage] = []
             return
         scores = {}
         for name in self.task_names:
@@ -295,19 +309,20 @@ class MixLoraLitModule(pl.LightningModule):
             self.log(f"{stage}/{name}/acc", scores[name], sync_dist=False)
             metric.reset()
         if scores:
-            avg = sum(scores.values()) / len(scores)
-            self.log(f"{stage}/avg_acc", avg, prog_bar=stage == "val")
-        entry: dict[str, Any] = {"stage": stage, "step": self.global_step, "acc": scores}
+            self.log(f"{stage}/avg_acc", runs.scores_with_average(scores)["avg"], prog_bar=stage == "val")
+        entry: dict[str, Any] = {"stage": stage, "step": self.trained_steps, "acc": scores}
+        health = None
         if hasattr(self, "routing"):
-            counts = self.routing[stage].compute()
-            for key, value in routing_health(counts).items():
+            counts = self.routing[stage].compute().long().tolist()
+            health = runs.routing_health(counts)
+            for key, value in health.items():
                 self.log(f"{stage}/routing/{key}", value)
-            entry["routing_counts"] = counts.long().tolist()
+            entry["routing_counts"] = counts
             self.routing[stage].reset()
         if scores:
-            entry["avg_acc"] = sum(scores.values()) / len(scores)
+            entry["avg_acc"] = runs.scores_with_average(scores)["avg"]
         self.eval_history.append(entry)
-        self._write_history()
+        self.last_eval[stage] = {"acc": scores, "routing": health, "predictions": self._gathered_predictions(stage)}
 
     def on_validation_epoch_end(self) -> None:
         with torch.inference_mode(False):  # reset() must not leave inference tensors as metric state
@@ -317,19 +332,27 @@ class MixLoraLitModule(pl.LightningModule):
         with torch.inference_mode(False):
             self._eval_epoch_end("test")
 
-    def _run_dir(self) -> Path | None:
-        if self._trainer is None:
-            return None
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
-        return Path(log_dir) if log_dir else None
+    # ------------------------------------------------------------------ what the run record needs
+    def describe_adapter(self) -> dict[str, Any]:
+        """The method's hyperparameters as trained (with the matched rank for LoRA/DoRA)."""
+        out = asdict(self.adapter)
+        if self.mixlora_config is not None:
+            out.update(self.mixlora_config.to_dict())
+        if getattr(self, "lora_rank", None) is not None:
+            out["trained_rank"] = self.lora_rank
+        return out
 
-    def _write_history(self) -> None:
-        run_dir = self._run_dir()
-        if run_dir is None or self.trainer.global_rank != 0 or self.trainer.sanity_checking:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "eval_history.json", "w", encoding="utf8") as fh:
-            json.dump(self.eval_history, fh, indent=1)
+    @property
+    def trained_steps(self) -> int:
+        """Optimizer steps behind the current weights (validate/test restore them without the fit loop)."""
+        return self.global_step or getattr(self, "_checkpoint_step", 0)
+
+    def parameter_counts(self) -> tuple[int | None, int | None]:
+        """(trainable, total) parameters of the adapted model; (None, None) before it is built."""
+        if self.model is None:
+            return None, None
+        params = list(self.model.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -372,6 +395,7 @@ class MixLoraLitModule(pl.LightningModule):
                              f"(was it trained with another method, base or adapter shape?)")
         # Restored just before the next training batch: creating the dataloader iterator draws from the RNG.
         self._pending_rng = checkpoint.get("rng_state")
+        self._checkpoint_step = int(checkpoint.get("global_step", 0))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         rng, self._pending_rng = getattr(self, "_pending_rng", None), None
@@ -382,17 +406,17 @@ class MixLoraLitModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ export
     def on_fit_end(self) -> None:
-        run_dir = self._run_dir()  # on every rank: trainer.log_dir is a collective call under DDP
-        if run_dir is None or self.trainer.global_rank != 0:
+        directory = run_dir(self.trainer)  # on every rank: a collective call under DDP
+        if self.trainer.global_rank != 0:
             return
-        self.export_adapter(run_dir / "adapter", training_config=run_dir / "config.yaml")
+        self.export_adapter(runs.adapter_dir(directory), training_config=directory / runs.CONFIG)
 
     def export_adapter(self, directory: str | os.PathLike, training_config: Path | None = None) -> Path:
         """save_pretrained of the trained adapter, with the resolved training config beside it."""
         directory = Path(directory)
         self.model.save_pretrained(directory)
         if training_config is not None and training_config.is_file():
-            (directory / "training_config.yaml").write_text(training_config.read_text())
+            runs.write_text_atomic(directory / runs.TRAINING_CONFIG, training_config.read_text())
         return directory
 
 
