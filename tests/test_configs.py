@@ -56,14 +56,14 @@ def test_quickstart_shortened_on_the_real_model_and_data(prepared_data, tmp_path
     data_dir, _ = prepared_data
     cli = run(["fit", f"--config={ROOT / 'configs' / 'quickstart.yaml'}", "--trainer.max_steps=4",
                "--trainer.val_check_interval=4", "--data.train_cap=16", "--data.dev_cap=8",
-               f"--data.data_dir={data_dir}", f"--trainer.default_root_dir={tmp_path}",
+               "--data.test_cap=8", f"--data.data_dir={data_dir}", f"--trainer.default_root_dir={tmp_path}",
                "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"])
     run_dir = Path(cli.trainer.log_dir)
     # The report side reads the run directory through mixlora_lit.runs, in an interpreter without torch.
     code = ("import json, sys; from mixlora_lit import runs; r = runs.read_run(sys.argv[1]); "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning')]; assert not bad, bad[:3]; "
             "print(json.dumps({'record': r.record.to_dict(), 'history': r.eval_history, "
-            "'n_val': len(r.predictions['val']), 'adapter': r.has_adapter}))")
+            "'n_val': len(r.predictions['val']), 'n_test': len(r.predictions['test']), 'adapter': r.has_adapter}))")
     read = json.loads(subprocess.run([sys.executable, "-c", code, str(run_dir)], check=True, capture_output=True,
                                      text=True).stdout)
     tasks = ["arc_easy", "arc_challenge", "boolq", "openbookqa", "piqa"]
@@ -71,7 +71,8 @@ def test_quickstart_shortened_on_the_real_model_and_data(prepared_data, tmp_path
     assert record["status"] == "finished" and record["global_step"] == 4 and record["base"] == "smollm2-135m"
     assert record["trainable_params"] == 26_311_680 and record["tokens_per_s"] > 0
     assert sorted(record["val"]) == sorted(tasks + ["avg"]) and read["n_val"] == 8 * 5 and read["adapter"]
-    assert [(h["stage"], h["step"]) for h in history] == [("val", 0), ("val", 4)]
+    assert [(h["stage"], h["step"]) for h in history] == [("val", 0), ("val", 4), ("test", 4)]  # test_after_fit
+    assert read["n_test"] == 8 * 5 and sorted(record["test"]) == sorted(tasks + ["avg"])
     assert all(len(h["routing_counts"]) == 30 for h in history)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "adapter" / "training_config.yaml").is_file()

@@ -16,11 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # memory back to the kernel on free, so every cycle faults its pages in again; with the setting
 # the memory stays in the process. (The heap may grow once more before reuse starts: torch asks
 # for aligned memory, and the aligned request can be slightly larger than the freed chunk.)
+# The setting is applied as `mixlora-lit` applies it: first thing, before torch and the libraries it
+# loads map memory next to the heap (glibc falls back to mmap when the heap cannot grow in place).
 _REFAULTS = """
-import json, resource, sys, torch
+import json, resource, sys
 from mixlora_lit.runtime import allocator_tuned, tune_cpu_allocator
 if sys.argv[1] == "tuned":
     assert tune_cpu_allocator() and allocator_tuned()
+import torch
+import mixlora_lit.model
 faults = []
 for i in range(6):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
