@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup assets demo library-demo test clean
+.PHONY: setup assets system-deps demo library-demo test clean
 
 setup: $(DEPS_STAMP)
 
@@ -46,7 +46,17 @@ demo: assets
 library-demo: assets
 	$(BIN)/mixlora-lit demo
 
-test: assets
+# The sweep tests start a real PostgreSQL server (Debian's package); installed here when missing and
+# possible (root with apt-get), else those tests skip and say why.
+system-deps:
+	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing PostgreSQL (Debian package) for the sweep tests"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+		else echo "PostgreSQL not installed and cannot install it here: its sweep tests will skip"; fi; \
+	fi
+
+test: assets system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

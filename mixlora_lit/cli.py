@@ -42,6 +42,54 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if result["reload_identical"] else 1
 
 
+def _sweep_run(args: argparse.Namespace) -> int:
+    from .sweep.driver import run_sweep
+    from .sweep.spec import load_spec
+
+    spec = load_spec(args.config, storage=args.storage, study_name=args.study_name, n_trials=args.n_trials,
+                     timeout=args.timeout)
+    run_sweep(spec)
+    return 0
+
+
+def _study_location(args: argparse.Namespace) -> tuple[str, str]:
+    if args.config:
+        from .sweep.spec import load_spec
+
+        spec = load_spec(args.config, storage=args.storage, study_name=args.study_name)
+        return spec.storage, spec.study_name
+    if not (args.storage and args.study_name):
+        raise ValueError("give --storage URL and --study-name NAME, or --config SWEEP.yaml")
+    return args.storage, args.study_name
+
+
+def _sweep_status(args: argparse.Namespace) -> int:
+    from .sweep.driver import load_study, status_table
+
+    print(status_table(load_study(*_study_location(args))))
+    return 0
+
+
+def _sweep_best(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .sweep.driver import best_fit_config, best_trials, load_study
+
+    study = load_study(*_study_location(args))
+    trials = best_trials(study)
+    label = "Pareto front" if len(trials) > 1 or len(study.directions) > 1 else "best trial"
+    print(f"{label} of {study.study_name!r}:")
+    for trial in trials:
+        print(f"  #{trial.number}: values {trial.values} params {trial.params} run {trial.user_attrs.get('run_dir')}")
+    if args.out:
+        chosen = trials[0] if args.trial is None else study.trials[args.trial]
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(best_fit_config(study, chosen))
+        print(f"fit config of trial #{chosen.number}: {out} (mixlora-lit fit --config {out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mixlora-lit", description=__doc__,
@@ -85,6 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate even if the adapter names another base with the same shapes")
     ev.set_defaults(func=_eval)
 
+    sweep = sub.add_parser("sweep", help="Optuna sweeps: each trial is a `mixlora-lit fit` with sampled overrides")
+    sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True)
+    srun = sweep_sub.add_parser("run", help="run trials (one worker; start more with the same command)")
+    srun.add_argument("--config", required=True, help="sweep YAML (see sweeps/)")
+    srun.add_argument("--storage", default=None, help="SQLAlchemy URL (default from the sweep file: SQLite)")
+    srun.add_argument("--study-name", default=None)
+    srun.add_argument("--n-trials", type=int, default=None, help="finished trials wanted in the study, all workers")
+    srun.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    srun.set_defaults(func=_sweep_run)
+    for name, func, text in (("status", _sweep_status, "the trials table"),
+                             ("best", _sweep_best, "the best trial (or Pareto front) and its fit YAML")):
+        sp = sweep_sub.add_parser(name, help=text)
+        sp.add_argument("--config", default=None, help="sweep YAML (for its storage and study name)")
+        sp.add_argument("--storage", default=None)
+        sp.add_argument("--study-name", default=None)
+        if name == "best":
+            sp.add_argument("--out", default=None, help="write the trial's ready-to-run fit YAML here")
+            sp.add_argument("--trial", type=int, default=None, help="with --out: this trial instead of the best")
+        sp.set_defaults(func=func)
+
     demo = sub.add_parser("demo", help="inject MixLoRA into a real model, train a few steps, save and reload")
     demo.add_argument("--base", default="smollm2-135m")
     demo.add_argument("--out-dir", default="runs/demo")
@@ -94,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runtime import tune_cpu_allocator
+    from .runtime import die_with_parent, tune_cpu_allocator
 
+    die_with_parent()  # a sweep trial's fit ends with its worker
     tune_cpu_allocator()  # before the first large tensors; MIXLORA_LIT_MALLOC_TUNING=0 turns it off
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)

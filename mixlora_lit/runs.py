@@ -177,6 +177,21 @@ class RunRecord:
         return write_json_atomic(Path(run_dir) / RUN_RECORD, self.to_dict())
 
 
+def record_metric(record: RunRecord, metric: str) -> float | None:
+    """A logged metric's value as the record keeps it: `val/avg_acc`, `val/<task>/acc`,
+    `val/routing/<stat>` (and the same for `test/`), or a record field such as `tokens_per_s`."""
+    split, _, rest = metric.partition("/")
+    if split in SPLITS and rest:
+        if rest == "avg_acc":
+            return getattr(record, split).get("avg")
+        if rest.startswith("routing/"):
+            return record.routing.get(split, {}).get(rest.split("/", 1)[1])
+        task, _, name = rest.partition("/")
+        return getattr(record, split).get(task) if name == "acc" else None
+    value = getattr(record, metric, None) if metric in {f.name for f in dataclasses.fields(RunRecord)} else None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def scores_with_average(per_task: dict[str, float]) -> dict[str, float]:
     """{task: acc} plus `avg`, the unweighted mean over tasks (the paper's average)."""
     out = dict(per_task)

@@ -55,3 +55,19 @@ def tune_cpu_allocator() -> bool:
 def allocator_tuned() -> bool:
     """Whether `tune_cpu_allocator()` has put the setting in effect in this process."""
     return _state.get("tuned", False)
+
+
+def die_with_parent(env_var: str = "MIXLORA_LIT_PARENT_PID") -> None:
+    """If `env_var` names a parent process, end this process with SIGKILL when that parent dies
+    (Linux `PR_SET_PDEATHSIG`): a sweep trial never outlives its killed worker."""
+    import signal
+
+    parent = os.environ.get(env_var)
+    if not parent:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the parent died before the call above
+        os._exit(1)

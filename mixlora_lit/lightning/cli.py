@@ -43,6 +43,11 @@ class MixLoraCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         # Not a configurable callback: every run directory gets its records (mixlora_lit.runs).
         trainer.callbacks.append(RunRecorder(run_name=self._get(self.config_init, "run_name", default=None)))
+        from ..sweep.pruning import StepPruning
+
+        pruning = StepPruning.from_env()  # inside a sweep trial whose study prunes
+        if pruning is not None:
+            trainer.callbacks.append(pruning)
         return trainer
 
     def before_fit(self) -> None:
@@ -83,7 +88,7 @@ def run(args: list[str] | None = None) -> MixLoraCLI:
     return MixLoraCLI(
         MixLoraLitModule, MultiTaskDataModule,
         args=args,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": True, "config_filename": runs.CONFIG},
         trainer_defaults={"use_distributed_sampler": False},  # the data module shards batches per rank itself
         parser_kwargs={"default_env": False, "allow_abbrev": False},
     )

@@ -1,0 +1,365 @@
+"""Optuna studies over `mixlora-lit fit`: one trial = one fit in a child process, with the trial's overrides.
+
+Optuna is the engine: its RDB storage (SQLite for one machine, PostgreSQL for many) holds the
+study, its heartbeats fail the trials of a killed worker, and its retry callback queues them
+again. This module only turns a sweep file into `fit` commands and run records into values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from .. import runs
+from .pruning import TRIAL_ENV
+from .spec import NUM_EXPERTS, TOP_K, SweepError, SweepSpec, check_against_config, overrides
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+PARENT_ENV = "MIXLORA_LIT_PARENT_PID"  # a trial's fit process dies with the worker that started it
+
+
+class TrialError(RuntimeError):
+    """A trial that failed (the fit exited non-zero, or its record lacks the objective): FAIL, sweep goes on."""
+
+
+# ---------------------------------------------------------------------- checks before any trial
+def resolved_fit_config(spec: SweepSpec, values: dict[str, Any]) -> dict[str, Any]:
+    """The fit parser's resolved config for the fit config + fixed + `values` (`fit --print_config`),
+    so unknown keys and wrong types are caught by the same parser a trial uses."""
+    from ..lightning.cli import run
+
+    args = ["fit", f"--config={spec.fit_config}", *overrides(spec.fixed), *overrides(values), "--print_config"]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run(args)
+        except SystemExit as exit_:
+            if exit_.code not in (0, None):
+                lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+                detail = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1] if lines else "")
+                raise SweepError(f"{spec.path}: the fit config rejects these overrides: {detail.strip()}") from None
+    return yaml.safe_load(out.getvalue()) or {}
+
+
+def _extremes(spec: SweepSpec, which: int) -> dict[str, Any]:
+    """Every searched value at its low (which=0) or high (which=-1) end."""
+    out = {}
+    for name, dist in spec.space.items():
+        if dist["type"] == "categorical":
+            out[name] = dist["choices"][which]
+        else:
+            out[name] = dist["low"] if which == 0 else dist["high"]
+    if TOP_K in out and NUM_EXPERTS in out:
+        out[TOP_K] = min(out[TOP_K], out[NUM_EXPERTS])
+    return out
+
+
+def _optuna_object(module, spec: SweepSpec, settings: dict[str, Any] | None, what: str):
+    if settings is None:
+        return None
+    name, kwargs = settings["name"], {k: v for k, v in settings.items() if k != "name"}
+    available = [n for n in module.__all__ if not n.startswith("Base") and n[0].isupper()]
+    if name not in available:
+        raise SweepError(f"{spec.path}: unknown {what} {name!r}; expected one of {available}")
+    try:
+        return getattr(module, name)(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise SweepError(f"{spec.path}: {what} {name}: {err}") from None
+
+
+def check_spec(spec: SweepSpec) -> dict[str, Any]:
+    """Everything that can be checked before a trial runs; returns the resolved base config."""
+    for name, dist in spec.space.items():
+        try:
+            if dist["type"] == "int":
+                optuna.distributions.IntDistribution(dist["low"], dist["high"], log=dist.get("log", False),
+                                                     step=dist.get("step", 1))
+            elif dist["type"] == "float":
+                optuna.distributions.FloatDistribution(dist["low"], dist["high"], log=dist.get("log", False),
+                                                       step=dist.get("step"))
+        except ValueError as err:
+            raise SweepError(f"{spec.path}: space.{name}: {err}") from None
+    _optuna_object(optuna.samplers, spec, spec.sampler, "sampler")
+    _optuna_object(optuna.pruners, spec, spec.pruner, "pruner")
+    resolved = resolved_fit_config(spec, _extremes(spec, 0))
+    resolved_fit_config(spec, _extremes(spec, -1))
+    check_against_config(spec, resolved)
+    return resolved
+
+
+# ---------------------------------------------------------------------- storage and study
+def storage_url(url: str) -> str:
+    """The URL users type, made to work with the locked drivers; SQLite's folder is created."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise SweepError(f"storage {url!r} is not a database URL (sqlite:///file.db, postgresql://user@host/db)")
+    if scheme in ("postgresql", "postgres"):
+        try:
+            import psycopg  # noqa: F401 - SQLAlchemy's default driver for a plain postgresql:// URL
+            return f"postgresql://{rest}"
+        except ImportError:
+            return f"postgresql+psycopg2://{rest}"
+    if scheme == "sqlite" and rest.startswith("/") and rest not in ("/", "/:memory:"):
+        Path(rest[1:]).parent.mkdir(parents=True, exist_ok=True)
+    return url
+
+
+def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None) -> RDBStorage:
+    """RDB storage with heartbeats (a killed worker's trial is failed after the grace period and retried
+    once). Workers racing to create a fresh schema retry a few times."""
+    last: Exception | None = None
+    for attempt in range(4):
+        try:
+            with warnings.catch_warnings():  # heartbeats and the retry callback are "experimental" in Optuna
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                kwargs: dict[str, Any] = {"engine_kwargs": {"pool_pre_ping": True}}
+                if heartbeat_interval:
+                    kwargs.update(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+                return RDBStorage(storage_url(url), **kwargs)
+        except SweepError:
+            raise
+        except Exception as err:  # noqa: BLE001 - SQLAlchemy and driver errors of every kind
+            last = err
+            text = str(err).lower()
+            if not any(word in text for word in ("already exists", "duplicate", "unique", "locked")):
+                break
+            time.sleep(0.5 + random.random())
+    first = str(last).strip().splitlines()[0] if last and str(last).strip() else type(last).__name__
+    raise SweepError(f"storage {_redact(url)}: cannot open it: {first}")
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest and ":" in rest.split("@", 1)[0]:
+        user = rest.split("@", 1)[0].split(":", 1)[0]
+        return f"{scheme}{sep}{user}:***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def load_study(storage: str, study_name: str) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    except KeyError:
+        raise SweepError(f"no study named {study_name!r} in {_redact(storage)}") from None
+
+
+# ---------------------------------------------------------------------- trials
+def sample(trial: optuna.Trial, spec: SweepSpec, resolved: dict[str, Any]) -> dict[str, Any]:
+    """The trial's values, num_experts before top_k so that top_k never exceeds it."""
+    adapter = (resolved.get("model") or {}).get("adapter") or {}
+    values: dict[str, Any] = {}
+    for name in sorted(spec.space, key=lambda n: n == TOP_K):
+        dist = spec.space[name]
+        if dist["type"] == "categorical":
+            values[name] = trial.suggest_categorical(name, dist["choices"])
+            continue
+        high = dist["high"]
+        if name == TOP_K:
+            experts = values.get(NUM_EXPERTS, spec.fixed.get(NUM_EXPERTS, adapter.get("num_experts")))
+            high = min(high, experts) if isinstance(experts, int) else high
+        if dist["type"] == "int":
+            values[name] = trial.suggest_int(name, dist["low"], high, step=dist.get("step", 1),
+                                             log=dist.get("log", False))
+        else:
+            values[name] = trial.suggest_float(name, dist["low"], high, step=dist.get("step"),
+                                               log=dist.get("log", False))
+    return values
+
+
+def _failure_line(log: Path) -> str:
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
+    for line in reversed(lines):
+        if "error" in line.lower() or "exception" in line.lower():
+            return line[:500]
+    return lines[-1][:500] if lines else "no output"
+
+
+class Objective:
+    """Runs one trial: a `mixlora-lit fit` child process, then its run record gives the value(s)."""
+
+    def __init__(self, spec: SweepSpec, resolved: dict[str, Any], prune: bool) -> None:
+        self.spec, self.resolved, self.prune = spec, resolved, prune
+        self.runs_dir = spec.runs_dir.resolve()
+
+    def command(self, trial_dir: Path, values: dict[str, Any], number: int) -> list[str]:
+        return [sys.executable, "-m", "mixlora_lit.cli", "fit", f"--config={self.spec.fit_config}",
+                *overrides(self.spec.fixed), *overrides(values), f"--trainer.default_root_dir={trial_dir}",
+                f"--run_name={self.spec.study_name}/trial_{number:04d}", "--test_after_fit=false"]
+
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        spec = self.spec
+        values = sample(trial, spec, self.resolved)
+        trial_dir = self.runs_dir / f"trial_{trial.number:04d}"
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+        if self.prune:
+            env[TRIAL_ENV] = json.dumps({"storage": storage_url(spec.storage), "study": spec.study_name,
+                                         "trial_id": trial._trial_id, "metric": spec.objectives[0].metric,
+                                         "pruner": spec.pruner})
+        log = trial_dir / "fit.log"
+        with open(log, "w", encoding="utf8") as fh:
+            code = subprocess.run(self.command(trial_dir, values, trial.number), stdout=fh, stderr=subprocess.STDOUT,
+                                  env=env, stdin=subprocess.DEVNULL).returncode
+        found = runs.find_runs([trial_dir])
+        record = runs.read_record(found[-1]) if found else None
+        if found:
+            trial.set_user_attr("run_dir", str(found[-1]))
+            config_file = found[-1] / runs.CONFIG
+            if config_file.is_file():
+                trial.set_user_attr("config", yaml.safe_load(config_file.read_text()))
+        if record is not None:
+            for key in ("trainable_params", "tokens_per_s", "wall_time_s"):
+                trial.set_user_attr(key, getattr(record, key))
+        if code != 0:
+            self._fail(trial, f"fit exited with code {code}: {_failure_line(log)} (log: {log})")
+        if record is None:
+            self._fail(trial, f"fit left no run record under {trial_dir}")
+        pruned = trial.study._storage.get_trial_user_attrs(trial._trial_id).get("pruned_at_step")
+        if pruned is not None:
+            raise optuna.TrialPruned(f"pruned at step {pruned}")
+        results = []
+        for objective in spec.objectives:
+            value = runs.record_metric(record, objective.metric)
+            if value is None:
+                self._fail(trial, f"the run record of {found[-1]} has no value for {objective.metric}")
+            results.append(float(value))
+        return results[0] if len(results) == 1 else results
+
+    @staticmethod
+    def _fail(trial: optuna.Trial, reason: str) -> None:
+        trial.set_user_attr("fail_reason", reason)  # shown by the progress line and `sweep status`
+        raise TrialError(reason)
+
+
+# ---------------------------------------------------------------------- the worker
+def _counts(study: optuna.Study) -> dict[TrialState, int]:
+    counts = {state: 0 for state in TrialState}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state] += 1
+    return counts
+
+
+def _format_values(trial: optuna.trial.FrozenTrial) -> str:
+    if trial.values is None:
+        return "-"
+    return ", ".join(f"{v:.4g}" for v in trial.values)
+
+
+def _format_params(params: dict[str, Any]) -> str:
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                    for k, v in params.items())
+
+
+def best_summary(study: optuna.Study) -> str:
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:
+        return "best: none yet"
+    if len(study.directions) > 1:
+        return f"Pareto front: trials {[t.number for t in study.best_trials]}"
+    best = study.best_trial
+    return f"best: #{best.number} {best.value:.4g} ({_format_params(best.params)})"
+
+
+def run_sweep(spec: SweepSpec, echo=print) -> optuna.Study:
+    """One worker: run trials until the study holds `n_trials` finished ones (all workers together)."""
+    resolved = check_spec(spec)
+    pruner = _optuna_object(optuna.pruners, spec, spec.pruner, "pruner")
+    if spec.multi_objective and pruner is not None:
+        echo(f"[sweep] {spec.study_name}: {len(spec.objectives)} objectives: pruning is off "
+             f"(Optuna cannot prune multi-objective studies)")
+        pruner = None
+    prune = pruner is not None and spec.objectives[0].metric.startswith("val/")
+    storage = open_storage(spec.storage, spec.heartbeat_interval, spec.grace_period)
+    sampler = _optuna_object(optuna.samplers, spec, spec.sampler, "sampler")
+    study = None
+    for attempt in range(4):  # workers starting together on a fresh database race to create the study
+        try:
+            study = optuna.create_study(storage=storage, study_name=spec.study_name, directions=spec.directions,
+                                        sampler=sampler, pruner=pruner or optuna.pruners.NopPruner(),
+                                        load_if_exists=True)
+            break
+        except Exception as err:  # noqa: BLE001
+            if attempt == 3 or "duplicate" not in str(err).lower() and "unique" not in str(err).lower():
+                raise SweepError(f"study {spec.study_name!r} in {_redact(spec.storage)}: {err}") from None
+            time.sleep(0.5 + random.random())
+    if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in spec.directions]:
+        raise SweepError(f"study {spec.study_name!r} already exists with directions "
+                         f"{[d.name.lower() for d in study.directions]}, not {spec.directions}")
+    study.set_user_attr("sweep", {"file": str(spec.path), "fit_config": str(spec.fit_config),
+                                  "objectives": [o.metric for o in spec.objectives], "fixed": spec.fixed})
+
+    def done() -> bool:
+        counts = _counts(study)
+        return (sum(counts[s] for s in FINISHED) >= spec.n_trials
+                or counts[TrialState.FAIL] >= spec.failure_budget)
+
+    def progress(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        duration = trial.duration.total_seconds() if trial.duration else 0.0
+        reason = ""
+        if trial.state == TrialState.FAIL:
+            reason = f" ({trial.user_attrs.get('fail_reason', '')[:300]})"
+        counts = _counts(study_)
+        echo(f"[sweep] {spec.study_name} trial {trial.number}: {trial.state.name} value={_format_values(trial)} "
+             f"{_format_params(trial.params)} in {duration:.0f} s{reason} | "
+             f"{sum(counts[s] for s in FINISHED)}/{spec.n_trials} finished | {best_summary(study_)}", flush=True)
+        if done():
+            study_.stop()
+
+    if done():
+        echo(f"[sweep] {spec.study_name}: already has {spec.n_trials} finished trials; {best_summary(study)}")
+        return study
+    echo(f"[sweep] {spec.study_name}: storage {_redact(spec.storage)}, {spec.n_trials} finished trials wanted, "
+         f"{sum(_counts(study)[s] for s in FINISHED)} so far; trial runs in {spec.runs_dir}")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress line replaces Optuna's per-trial log
+    study.optimize(Objective(spec, resolved, prune), n_trials=None, timeout=spec.timeout,
+                   callbacks=[progress], catch=(TrialError,), gc_after_trial=True)
+    return study
+
+
+# ---------------------------------------------------------------------- reading a study
+def status_table(study: optuna.Study) -> str:
+    rows = [f"{'#':>4}  {'state':<9}{'value':>18}  {'seconds':>8}  params"]
+    for trial in study.get_trials(deepcopy=False):
+        duration = f"{trial.duration.total_seconds():.0f}" if trial.duration else "-"
+        note = trial.user_attrs.get("pruned_at_step")
+        params = _format_params(trial.params) + (f" (pruned at step {note})" if note is not None else "")
+        rows.append(f"{trial.number:>4}  {trial.state.name:<9}{_format_values(trial):>18}  {duration:>8}  {params}")
+    counts = _counts(study)
+    rows.append(", ".join(f"{n} {s.name.lower()}" for s, n in counts.items() if n) + f" | {best_summary(study)}")
+    return "\n".join(rows)
+
+
+def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        raise SweepError(f"study {study.study_name!r} has no complete trial yet")
+    return list(study.best_trials) if len(study.directions) > 1 else [study.best_trial]
+
+
+def best_fit_config(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
+    """The trial's resolved fit config as a ready-to-run YAML (`mixlora-lit fit --config best.yaml`)."""
+    config = trial.user_attrs.get("config")
+    if not config:
+        raise SweepError(f"trial {trial.number} of {study.study_name!r} recorded no config")
+    config = dict(config)
+    config["run_name"] = f"{study.study_name}/best"
+    config["trainer"] = dict(config.get("trainer") or {}, default_root_dir=None)
+    config.pop("ckpt_path", None)
+    header = (f"# Best trial #{trial.number} of study {study.study_name!r}: "
+              f"{', '.join(f'{v:.4g}' for v in trial.values)}\n"
+              f"# params: {json.dumps(trial.params)}\n# mixlora-lit fit --config THIS_FILE\n")
+    return header + yaml.safe_dump(config, sort_keys=False)

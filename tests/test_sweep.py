@@ -1,0 +1,287 @@
+"""`mixlora-lit sweep`: real Optuna studies over real `fit` child processes (tiny model, real data and tokenizer),
+on SQLite and on a real PostgreSQL server started here."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from mixlora_lit import runs
+from mixlora_lit.cli import main
+from mixlora_lit.sweep.driver import check_spec
+from mixlora_lit.sweep.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = {"model.adapter.num_experts": {"type": "int", "low": 2, "high": 4},
+         "model.adapter.top_k": {"type": "int", "low": 1, "high": 4},
+         "model.adapter.r": {"type": "categorical", "choices": [2, 4]},
+         "model.optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+
+
+@pytest.fixture(scope="module")
+def fit_config(tmp_path_factory, tiny_model_dir, prepared_data):
+    """A tiny `fit` config: 2 steps on the real 5-task mix, validating at the end."""
+    out = tmp_path_factory.mktemp("sweep-fit") / "fit.yaml"
+    out.write_text(yaml.safe_dump({
+        "seed_everything": 7,
+        "trainer": {"accelerator": "cpu", "max_steps": 2, "val_check_interval": 2, "num_sanity_val_steps": 0,
+                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False},
+        "checkpoint": {"every_n_train_steps": 2},
+        "model": {"base": str(tiny_model_dir), "base_dtype": "fp32",
+                  "adapter": {"method": "mixlora", "r": 4, "lora_alpha": 8, "num_experts": 4},
+                  "optimizer": {"lr": 1e-3}},
+        "data": {"data_dir": str(prepared_data[0]), "train_cap": 24, "dev_cap": 6, "test_cap": 6, "batch_size": 4,
+                 "eval_batch_size": 8}}))
+    return out
+
+
+def write_sweep(tmp_path: Path, fit_config: Path, name: str = "s", **changes) -> Path:
+    spec = {"fit_config": str(fit_config), "space": SPACE, "objective": {"metric": "val/avg_acc"},
+            "sampler": {"name": "RandomSampler", "seed": 0}, "n_trials": 4,
+            "storage": f"sqlite:///{tmp_path}/{name}.db", "study_name": name, "runs_dir": str(tmp_path / name)}
+    spec.update(changes)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def study_of(path: Path, storage: str | None = None) -> optuna.Study:
+    spec = load_spec(path, storage=storage)
+    from mixlora_lit.sweep.driver import load_study
+
+    return load_study(spec.storage, spec.study_name)
+
+
+def sweep_command(path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mixlora_lit.cli", "sweep", "run", "--config", str(path), *extra]
+
+
+def test_sqlite_sweep_completes_resumes_and_its_best_config_fits(fit_config, tmp_path, capsys):
+    path = write_sweep(tmp_path, fit_config)
+    assert main(["sweep", "run", "--config", str(path)]) == 0
+    progress = capsys.readouterr().out
+    assert progress.count("COMPLETE value=") == 4 and "4/4 finished" in progress and "best: #" in progress
+    study = study_of(path)
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4 and [t.number for t in trials] == [0, 1, 2, 3]
+    for trial in trials:
+        p = trial.params
+        assert p["model.adapter.top_k"] <= p["model.adapter.num_experts"]
+        record = runs.read_record(trial.user_attrs["run_dir"])  # the trial is a real fit with these overrides
+        assert record.status == "finished" and record.test == {}  # a sweep never tests
+        assert record.val["avg"] == pytest.approx(trial.value)
+        assert record.adapter["num_experts"] == p["model.adapter.num_experts"]
+        assert record.adapter["top_k"] == p["model.adapter.top_k"] and record.adapter["r"] == p["model.adapter.r"]
+        assert trial.user_attrs["trainable_params"] == record.trainable_params
+        assert trial.user_attrs["config"]["model"]["optimizer"]["lr"] == pytest.approx(p["model.optimizer.lr"])
+        assert Path(trial.user_attrs["run_dir"]).is_relative_to(tmp_path / "s")
+    # The same command resumes the study: one more trial to reach 5, the first four kept.
+    assert main(["sweep", "run", "--config", str(path), "--n-trials", "5"]) == 0
+    study = study_of(path)
+    assert len(study.trials) == 5 and study.trials[4].state == TrialState.COMPLETE
+    assert [t.params for t in study.trials[:4]] == [t.params for t in trials]
+    capsys.readouterr()
+    assert main(["sweep", "status", "--config", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("COMPLETE") == 5 and "5 complete" in table
+    best_yaml = tmp_path / "best.yaml"
+    assert main(["sweep", "best", "--storage", f"sqlite:///{tmp_path}/s.db", "--study-name", "s",
+                 "--out", str(best_yaml)]) == 0
+    assert f"#{study.best_trial.number}" in capsys.readouterr().out
+    from mixlora_lit.lightning.cli import run
+
+    cli = run(["fit", f"--config={best_yaml}", f"--trainer.default_root_dir={tmp_path / 'best'}"])
+    best = study.best_trial.params
+    assert cli.model.mixlora_config.num_experts == best["model.adapter.num_experts"]
+    assert cli.model.optim.lr == pytest.approx(best["model.optimizer.lr"])
+    assert runs.read_record(cli.trainer.log_dir).status == "finished"
+
+
+def test_pruning_stops_clearly_worse_trials_at_the_step_they_report(fit_config, tmp_path, capsys):
+    """Top-1 routing over 2 experts gives some expert at least half the tokens; over 16 experts far less.
+    A threshold on the routing's max load share prunes the 2-expert trial at its first report (step 1)."""
+    grid = {"model.adapter.num_experts": [2, 16]}
+    path = write_sweep(tmp_path, fit_config, space={"model.adapter.num_experts": {"type": "categorical",
+                                                                                  "choices": [2, 16]}},
+                       fixed={"model.adapter.top_k": 1, "trainer.max_steps": 3, "trainer.val_check_interval": 1},
+                       objective={"metric": "val/routing/max_load_share", "direction": "minimize"},
+                       sampler={"name": "GridSampler", "search_space": grid},
+                       pruner={"name": "ThresholdPruner", "upper": 0.45}, n_trials=2)
+    assert main(["sweep", "run", "--config", str(path)]) == 0
+    by_experts = {t.params["model.adapter.num_experts"]: t for t in study_of(path).trials}
+    pruned, kept = by_experts[2], by_experts[16]
+    assert pruned.state == TrialState.PRUNED and pruned.user_attrs["pruned_at_step"] == 1
+    assert pruned.intermediate_values[1] >= 0.5
+    assert runs.read_record(pruned.user_attrs["run_dir"]).global_step == 1  # the run stopped there
+    assert kept.state == TrialState.COMPLETE and sorted(kept.intermediate_values) == [1, 2, 3]
+    assert kept.value < 0.45 and runs.read_record(kept.user_attrs["run_dir"]).global_step == 3
+
+
+def test_multi_objective_gives_a_pareto_front_and_turns_pruning_off(fit_config, tmp_path, capsys):
+    path = write_sweep(tmp_path, fit_config, space={"model.adapter.r": {"type": "categorical", "choices": [2, 8]}},
+                       objective=[{"metric": "val/avg_acc", "direction": "maximize"},
+                                  {"metric": "trainable_params", "direction": "minimize"}],
+                       sampler={"name": "GridSampler", "search_space": {"model.adapter.r": [2, 8]}},
+                       pruner={"name": "MedianPruner"}, n_trials=2)
+    assert main(["sweep", "run", "--config", str(path)]) == 0
+    assert "pruning is off (Optuna cannot prune multi-objective studies)" in capsys.readouterr().out
+    study = study_of(path)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    params = {t.params["model.adapter.r"]: t.values[1] for t in study.trials}
+    assert params[2] < params[8]  # the trainable-parameter objective is the run record's count
+    front = study.best_trials
+    assert front and all(t.state == TrialState.COMPLETE for t in front)
+    assert main(["sweep", "best", "--config", str(path)]) == 0
+    assert "Pareto front" in capsys.readouterr().out
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(fit_config, tmp_path, capsys):
+    """lr=1e6 diverges (the fit stops with a non-finite loss): FAIL with the reason; lr=1e-3 completes."""
+    path = write_sweep(tmp_path, fit_config, space={"model.optimizer.lr": {"type": "categorical",
+                                                                           "choices": [1.0e6, 1.0e-3]}},
+                       fixed={"trainer.max_steps": 6, "trainer.val_check_interval": 6, "data.train_cap": 60},
+                       sampler={"name": "GridSampler", "search_space": {"model.optimizer.lr": [1.0e6, 1.0e-3]}},
+                       n_trials=2, max_failed_trials=2)  # the grid's two points, in either order
+    assert main(["sweep", "run", "--config", str(path)]) == 0
+    trials = {t.params["model.optimizer.lr"]: t for t in study_of(path).trials}
+    assert trials[1.0e6].state == TrialState.FAIL
+    assert "non-finite training loss" in trials[1.0e6].user_attrs["fail_reason"]
+    assert runs.read_record(trials[1.0e6].user_attrs["run_dir"]).status == "failed"
+    assert trials[1.0e-3].state == TrialState.COMPLETE
+
+
+def test_a_killed_worker_s_trial_fails_after_the_grace_period_and_is_retried(fit_config, tmp_path):
+    path = write_sweep(tmp_path, fit_config, fixed={"trainer.max_steps": 1000, "trainer.val_check_interval": 1000,
+                                                    "data.train_cap": 1200},
+                       heartbeat={"interval": 1, "grace_period": 3}, n_trials=1)
+    worker = subprocess.Popen(sweep_command(path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait until the trial's fit is training
+            if list((tmp_path / "s").rglob(runs.LAST_CHECKPOINT)):
+                break
+            assert worker.poll() is None, "the worker ended before its trial trained"
+            time.sleep(0.2)
+        else:
+            pytest.fail("the trial never started training")
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    time.sleep(1)
+    alive = subprocess.run(["pgrep", "-f", "trial_0000"], capture_output=True, text=True).stdout.split()
+    assert not alive, "the trial's fit outlived its killed worker"
+    assert [t.state for t in study_of(path).trials] == [TrialState.RUNNING]
+    time.sleep(4)  # past the grace period
+    # A second worker (the same command, shorter trials) fails the stale trial and runs its retry.
+    path.write_text(path.read_text().replace("trainer.max_steps: 1000", "trainer.max_steps: 2")
+                    .replace("trainer.val_check_interval: 1000", "trainer.val_check_interval: 2"))
+    assert main(["sweep", "run", "--config", str(path)]) == 0
+    trials = study_of(path).trials
+    assert trials[0].state == TrialState.FAIL
+    retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE and retries[0].params == trials[0].params
+
+
+# ---------------------------------------------------------------------- PostgreSQL
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A real PostgreSQL server (Debian's package) as a non-root user, on a loopback port, in a temporary
+    directory; stopped afterwards."""
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    if found is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql); .ci/run installs it")
+    bindir = Path(found).resolve().parent
+    home = Path(tempfile.mkdtemp(prefix="mixlora-pg-"))
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(home, "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    data, port = home / "data", _free_port()
+    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "mixlora"], check=True,
+                   capture_output=True)
+    subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(home / "log"), "-w", "-o",
+                    f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mixlora", "sweeps"],
+                       check=True, capture_output=True)
+        yield f"postgresql://mixlora@127.0.0.1:{port}/sweeps"
+    finally:
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_two_workers_share_one_postgresql_study(fit_config, tmp_path, postgres_url):
+    path = write_sweep(tmp_path, fit_config, name="pg", n_trials=4)
+    workers = [subprocess.Popen(sweep_command(path, "--storage", postgres_url), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    assert all("COMPLETE" in out for out in outputs)  # both workers ran trials
+    trials = study_of(path, storage=postgres_url).trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert 4 <= len(complete) <= 5  # the total, not per worker (at most workers - 1 extra)
+    numbers = [t.number for t in trials]
+    assert len(set(numbers)) == len(numbers)
+    assert len({t.user_attrs["run_dir"] for t in complete}) == len(complete)
+
+
+# ---------------------------------------------------------------------- bad input
+BAD = [
+    ({"space": {**SPACE, "model.adapter.num_exprts": {"type": "int", "low": 2, "high": 4}}}, "num_exprts"),
+    ({"fixed": {"trainer.max_stepz": 3}}, "max_stepz"),
+    ({"space": {**SPACE, "model.adapter.top_k": {"type": "int", "low": 3, "high": 4}}},
+     "model.adapter.top_k (at least 3) can exceed model.adapter.num_experts (as low as 2)"),
+    ({"space": {}}, "space is empty"),
+    ({"sampler": {"name": "TPESamplr"}}, "unknown sampler 'TPESamplr'"),
+    ({"pruner": {"name": "MedianPrunr"}}, "unknown pruner 'MedianPrunr'"),
+    ({"objective": {"metric": "val/bogus"}}, "objective metric 'val/bogus' is not logged"),
+    ({"objective": {"metric": "test/avg_acc"}}, "never test"),
+    ({"space": {"model.adapter.r": {"type": "int", "low": 8, "high": 2}}}, "space.model.adapter.r"),
+    ({"storage": "postgresql://nobody@127.0.0.1:9/none"}, "cannot open it"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD, ids=[m[:24] for _, m in BAD])
+def test_bad_input_is_one_line_before_any_trial(change, message, fit_config, tmp_path, capsys):
+    path = write_sweep(tmp_path, fit_config, **change)
+    assert main(["sweep", "run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mixlora-lit: error: ") and message in err[0], err
+    assert not (tmp_path / "s").exists()  # no trial ran
+    db = tmp_path / "s.db"
+    if db.exists():
+        assert not optuna.load_study(study_name="s", storage=f"sqlite:///{db}").trials
+
+
+@pytest.mark.parametrize("name", ["mixlora", "lora", "dora"])
+def test_shipped_sweeps_pass_every_check(name, monkeypatch):
+    """The shipped sweep files parse, their overrides are accepted by the fit parser, and the budgets match."""
+    monkeypatch.chdir(ROOT)
+    spec = load_spec(ROOT / "sweeps" / f"{name}.yaml")
+    check_spec(spec)
+    reference = load_spec(ROOT / "sweeps" / "mixlora.yaml")
+    assert spec.n_trials == reference.n_trials
+    budget = ("trainer.max_steps", "trainer.val_check_interval", "data.train_cap", "data.dev_cap")
+    assert {k: spec.fixed[k] for k in budget} == {k: reference.fixed[k] for k in budget}
+    assert json.dumps(spec.pruner) == json.dumps(reference.pruner)
