@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup assets system-deps demo library-demo test clean
+.PHONY: setup assets system-deps demo demo-report library-demo test clean
 
 setup: $(DEPS_STAMP)
 
@@ -43,17 +43,30 @@ $(ASSETS_STAMP): $(DEPS_STAMP)
 demo: assets
 	$(BIN)/mixlora-lit fit --config configs/quickstart.yaml
 
+# The demo comparison report: the quickstart (MixLoRA) and the same run with parameter-matched LoRA,
+# compared by `mixlora-lit report` into reports/quickstart/ (about 15 minutes on a 2-core CPU).
+demo-report: assets
+	test -f runs/quickstart/version_0/predictions/test.jsonl || $(BIN)/mixlora-lit fit --config configs/quickstart.yaml
+	test -f runs/quickstart-lora/version_0/predictions/test.jsonl || $(BIN)/mixlora-lit fit --config configs/quickstart.yaml \
+		--model.adapter.method=lora --model.adapter.match_rank=true --run_name=quickstart-lora
+	$(BIN)/mixlora-lit report --runs runs/quickstart/version_0 runs/quickstart-lora/version_0 --out reports/quickstart \
+		--title "Quickstart: MixLoRA vs parameter-matched LoRA (SmolLM2-135M, 120 steps)" --baseline lora
+
 library-demo: assets
 	$(BIN)/mixlora-lit demo
 
-# The sweep tests start a real PostgreSQL server (Debian's package); installed here when missing and
-# possible (root with apt-get), else those tests skip and say why.
+# Real components some tests use: a PostgreSQL server (sweeps over several workers) and headless
+# Chromium (the HTML report), both Debian packages. Installed here when missing and possible (root
+# with apt-get); otherwise those tests skip and say why.
 system-deps:
-	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	@missing=""; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			echo "installing PostgreSQL (Debian package) for the sweep tests"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
-		else echo "PostgreSQL not installed and cannot install it here: its sweep tests will skip"; fi; \
+			echo "installing Debian packages for the tests:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else echo "missing$$missing and cannot install here: the tests that need them will skip"; fi; \
 	fi
 
 test: assets system-deps

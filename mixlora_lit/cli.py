@@ -82,11 +82,32 @@ def _sweep_best(args: argparse.Namespace) -> int:
     for trial in trials:
         print(f"  #{trial.number}: values {trial.values} params {trial.params} run {trial.user_attrs.get('run_dir')}")
     if args.out:
+        numbers = [t.number for t in study.trials]
+        if args.trial is not None and args.trial not in numbers:
+            raise ValueError(f"--trial {args.trial}: study {study.study_name!r} has trials 0-{max(numbers)}")
         chosen = trials[0] if args.trial is None else study.trials[args.trial]
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(best_fit_config(study, chosen))
         print(f"fit config of trial #{chosen.number}: {out} (mixlora-lit fit --config {out})")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report.build import build_report
+
+    report = build_report(args.runs or [], args.study or [], args.out, title=args.title, baseline=args.baseline,
+                          split=args.split, n_resamples=args.n_resamples, seed=args.seed)
+    groups = report["groups"]
+    for g in groups:
+        line = ", ".join(f"{label} {100 * m['avg']['mean']:.1f}" for label, m in g["methods"].items())
+        print(f"{g['base']} | {g['protocol']} | {'+'.join(g['tasks'])}: {line}")
+        for c in g["comparisons"]:
+            print(f"  {c['a']} - {c['b']}: {100 * c['diff']:+.1f} points, 95% CI [{100 * c['ci_low']:+.1f}, "
+                  f"{100 * c['ci_high']:+.1f}], p={c['p_value']:.3g} ({c['n_examples']} paired examples)")
+    if report["incomplete_runs"]:
+        print(f"{len(report['incomplete_runs'])} run(s) not included (listed in the report)")
+    print(f"report: {args.out}/report.md, {args.out}/report.html, {args.out}/report.json")
     return 0
 
 
@@ -152,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", default=None, help="write the trial's ready-to-run fit YAML here")
             sp.add_argument("--trial", type=int, default=None, help="with --out: this trial instead of the best")
         sp.set_defaults(func=func)
+
+    rep = sub.add_parser("report", help="tables, paired statistics and plots from run directories and studies")
+    rep.add_argument("--runs", nargs="+", default=[], help="run directories or folders holding them")
+    rep.add_argument("--study", nargs="+", default=[], help="STORAGE_URL:STUDY_NAME (Optuna studies)")
+    rep.add_argument("--out", required=True, help="output folder (report.md, report.html, report.json, figures/)")
+    rep.add_argument("--title", default="MixLoRA comparison")
+    rep.add_argument("--baseline", default="lora", help="the method every other is compared with")
+    rep.add_argument("--split", choices=["test", "val"], default="test", help="which predictions to compare")
+    rep.add_argument("--n-resamples", type=int, default=10_000, help="bootstrap and permutation resamples")
+    rep.add_argument("--seed", type=int, default=0, help="seed of the resampling")
+    rep.set_defaults(func=_report)
 
     demo = sub.add_parser("demo", help="inject MixLoRA into a real model, train a few steps, save and reload")
     demo.add_argument("--base", default="smollm2-135m")

@@ -43,7 +43,7 @@ class MixLoraConfig:
     """MixLoRA's hyperparameters; every default lives here.
 
     Args:
-        r, lora_alpha, lora_dropout: LoRA rank, alpha (scaling alpha/r, or alpha/sqrt(r) with
+        r, lora_alpha, lora_dropout: LoRA rank (the paper's 16), alpha (32) (scaling alpha/r, or alpha/sqrt(r) with
             `use_rslora`) and input dropout, for the attention LoRAs and (unless `expert_lora`) the experts.
         target_modules: projections that get adapters: attention `q/k/v/o_proj` (one LoRA each) and
             FFN `gate/up/down_proj` (one LoRA per expert); at least one FFN projection.
@@ -63,8 +63,8 @@ class MixLoraConfig:
         base_model_name_or_path: filled from the base model when None.
     """
 
-    r: int = 8
-    lora_alpha: float = 16
+    r: int = 16
+    lora_alpha: float = 32
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(ALL_TARGETS))
     routing_strategy: str = "mixlora"

@@ -147,6 +147,7 @@ class RunRecord:
     routing: dict[str, dict[str, float]] = field(default_factory=dict)
     adapter: dict[str, Any] = field(default_factory=dict)  # the method's hyperparameters
     run_name: str | None = None
+    command: str | None = None  # the command line that ran this stage
     resumed_from: str | None = None
     started_at: str | None = None
     updated_at: str | None = None
@@ -333,6 +334,7 @@ class Run:
 
     path: Path
     record: RunRecord | None
+    config: dict[str, Any]  # config.yaml (the resolved LightningCLI config), {} if absent
     eval_history: list[dict[str, Any]]
     predictions: dict[str, list[dict[str, Any]]]
     has_adapter: bool
@@ -368,8 +370,38 @@ def read_run(run_dir: str | os.PathLike) -> Run:
             raise ValueError(f"{history_path}: not valid JSON ({err.msg}, line {err.lineno})") from err
     predictions = {split: read_jsonl(predictions_path(run_dir, split)) for split in SPLITS
                    if predictions_path(run_dir, split).is_file()}
-    return Run(path=run_dir, record=read_record(run_dir), eval_history=history, predictions=predictions,
+    config: dict[str, Any] = {}
+    if (run_dir / CONFIG).is_file():
+        import yaml  # PyYAML: a dependency of every Lightning install, imported only here
+
+        try:
+            config = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf8")) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{run_dir / CONFIG}: not valid YAML ({err})") from err
+    return Run(path=run_dir, record=read_record(run_dir), config=config, eval_history=history,
+               predictions=predictions,
                has_adapter=adapter_dir(run_dir).is_dir(), has_checkpoint=last_checkpoint(run_dir).is_file())
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, float]]:
+    """metrics.csv as rows of {column: value} with the empty cells left out (Lightning's CSVLogger layout)."""
+    import csv
+
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, encoding="utf8", newline="") as fh:
+        for row in csv.DictReader(fh):
+            parsed = {}
+            for key, value in row.items():
+                if value not in (None, ""):
+                    try:
+                        parsed[key] = float(value)
+                    except ValueError:
+                        continue
+            rows.append(parsed)
+    return rows
 
 
 def find_runs(paths: Iterable[str | os.PathLike]) -> list[Path]:

@@ -62,7 +62,7 @@ def die_with_parent(env_var: str = "MIXLORA_LIT_PARENT_PID") -> None:
     (Linux `PR_SET_PDEATHSIG`): a sweep trial never outlives its killed worker."""
     import signal
 
-    parent = os.environ.get(env_var)
+    parent = os.environ.pop(env_var, None)  # not inherited by this process's own children (DDP ranks)
     if not parent:
         return
     try:

@@ -134,4 +134,4 @@ def test_median_and_environment():
     if head.returncode == 0:
         assert commit.split("+")[0] == head.stdout.strip()
     hw = runs.hardware(threads=2)
-    assert hw["threads"] == 2 and hw["cpu"] and not math.isnan(hw["cpu_count"] or 0)
+    assert hw["threads"] == 2 and hw["cpu"] and hw["cpu_count"] >= 1

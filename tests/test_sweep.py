@@ -118,7 +118,8 @@ def test_pruning_stops_clearly_worse_trials_at_the_step_they_report(fit_config, 
     grid = {"model.adapter.num_experts": [2, 16]}
     path = write_sweep(tmp_path, fit_config, space={"model.adapter.num_experts": {"type": "categorical",
                                                                                   "choices": [2, 16]}},
-                       fixed={"model.adapter.top_k": 1, "trainer.max_steps": 3, "trainer.val_check_interval": 1},
+                       fixed={"model.adapter.top_k": 1, "trainer.max_steps": 3, "trainer.val_check_interval": 1,
+                              "validate_at_start": True},
                        objective={"metric": "val/routing/max_load_share", "direction": "minimize"},
                        sampler={"name": "GridSampler", "search_space": grid},
                        pruner={"name": "ThresholdPruner", "upper": 0.45}, n_trials=2)
@@ -128,7 +129,9 @@ def test_pruning_stops_clearly_worse_trials_at_the_step_they_report(fit_config, 
     assert pruned.state == TrialState.PRUNED and pruned.user_attrs["pruned_at_step"] == 1
     assert pruned.intermediate_values[1] >= 0.5
     assert runs.read_record(pruned.user_attrs["run_dir"]).global_step == 1  # the run stopped there
+    # the pass before training (step 0, the untrained base) is never reported
     assert kept.state == TrialState.COMPLETE and sorted(kept.intermediate_values) == [1, 2, 3]
+    assert [h["step"] for h in runs.read_run(kept.user_attrs["run_dir"]).eval_history] == [0, 1, 2, 3]
     assert kept.value < 0.45 and runs.read_record(kept.user_attrs["run_dir"]).global_step == 3
 
 
@@ -166,14 +169,16 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(fit_config, tmp_path,
 
 
 def test_a_killed_worker_s_trial_fails_after_the_grace_period_and_is_retried(fit_config, tmp_path):
-    path = write_sweep(tmp_path, fit_config, fixed={"trainer.max_steps": 1000, "trainer.val_check_interval": 1000,
-                                                    "data.train_cap": 1200},
-                       heartbeat={"interval": 1, "grace_period": 3}, n_trials=1)
+    short = {"trainer.max_steps": 2, "trainer.val_check_interval": 2}
+    long = {"trainer.max_steps": 1000, "trainer.val_check_interval": 1000, "data.train_cap": 1200}
+    path = write_sweep(tmp_path, fit_config, fixed=short, heartbeat={"interval": 1, "grace_period": 3}, n_trials=1)
+    assert main(["sweep", "run", "--config", str(path)]) == 0  # trial 0 completes before the killing
+    path = write_sweep(tmp_path, fit_config, fixed=long, heartbeat={"interval": 1, "grace_period": 3}, n_trials=2)
     worker = subprocess.Popen(sweep_command(path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:  # wait until the trial's fit is training
-            if list((tmp_path / "s").rglob(runs.LAST_CHECKPOINT)):
+            if list((tmp_path / "s" / "trial_0001").rglob(runs.LAST_CHECKPOINT)):
                 break
             assert worker.poll() is None, "the worker ended before its trial trained"
             time.sleep(0.2)
@@ -183,18 +188,18 @@ def test_a_killed_worker_s_trial_fails_after_the_grace_period_and_is_retried(fit
         worker.send_signal(signal.SIGKILL)
         worker.wait()
     time.sleep(1)
-    alive = subprocess.run(["pgrep", "-f", "trial_0000"], capture_output=True, text=True).stdout.split()
+    alive = subprocess.run(["pgrep", "-f", "trial_0001"], capture_output=True, text=True).stdout.split()
     assert not alive, "the trial's fit outlived its killed worker"
-    assert [t.state for t in study_of(path).trials] == [TrialState.RUNNING]
+    assert [t.state for t in study_of(path).trials] == [TrialState.COMPLETE, TrialState.RUNNING]
     time.sleep(4)  # past the grace period
     # A second worker (the same command, shorter trials) fails the stale trial and runs its retry.
-    path.write_text(path.read_text().replace("trainer.max_steps: 1000", "trainer.max_steps: 2")
-                    .replace("trainer.val_check_interval: 1000", "trainer.val_check_interval: 2"))
+    path = write_sweep(tmp_path, fit_config, fixed=short, heartbeat={"interval": 1, "grace_period": 3}, n_trials=2)
     assert main(["sweep", "run", "--config", str(path)]) == 0
     trials = study_of(path).trials
-    assert trials[0].state == TrialState.FAIL
-    retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
-    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE and retries[0].params == trials[0].params
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[2]) == 1
+    assert trials[2].params == trials[1].params
+    assert trials[2].user_attrs["run_dir"].endswith("trial_0002/version_0")  # not the killed trial's folder
 
 
 # ---------------------------------------------------------------------- PostgreSQL
@@ -243,6 +248,8 @@ def test_two_workers_share_one_postgresql_study(fit_config, tmp_path, postgres_u
     assert 4 <= len(complete) <= 5  # the total, not per worker (at most workers - 1 extra)
     numbers = [t.number for t in trials]
     assert len(set(numbers)) == len(numbers)
+    # each worker samples its own stream (the file's seed plus the worker's pid): no repeated trials
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == len(trials)
     assert len({t.user_attrs["run_dir"] for t in complete}) == len(complete)
 
 

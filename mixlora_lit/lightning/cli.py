@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from .. import runs
+from ..sweep.spec import TRIAL_ENV
 from .callbacks import TokenThroughput
 from .datamodule import MultiTaskDataModule
 from .module import MixLoraLitModule
@@ -43,11 +46,10 @@ class MixLoraCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         # Not a configurable callback: every run directory gets its records (mixlora_lit.runs).
         trainer.callbacks.append(RunRecorder(run_name=self._get(self.config_init, "run_name", default=None)))
-        from ..sweep.pruning import StepPruning
+        if os.environ.get(TRIAL_ENV):  # inside a sweep trial whose study prunes (needs optuna)
+            from ..sweep.pruning import StepPruning
 
-        pruning = StepPruning.from_env()  # inside a sweep trial whose study prunes
-        if pruning is not None:
-            trainer.callbacks.append(pruning)
+            trainer.callbacks.append(StepPruning.from_env())
         return trainer
 
     def before_fit(self) -> None:

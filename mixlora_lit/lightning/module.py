@@ -50,12 +50,10 @@ class RoutingCounts(Metric):
         return self.counts
 
 
-# MixLoraConfig fields a training run sets; their types and defaults come from MixLoraConfig,
-# except r and lora_alpha, whose training defaults are the paper's (16, 32).
+# MixLoraConfig fields a training run sets; their types and defaults come from MixLoraConfig.
 ADAPTER_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "num_experts", "top_k",
                   "router_aux_loss_coef", "router_init_range", "jitter_noise", "expert_capacity",
                   "router_z_loss_coef", "use_dora", "use_rslora")
-PAPER_ADAPTER_DEFAULTS = {"r": 16, "lora_alpha": 32.0}
 
 
 def _adapter_settings_class() -> type:
@@ -64,9 +62,7 @@ def _adapter_settings_class() -> type:
     specs: list[tuple[str, Any, Any]] = [("method", Method, dataclasses.field(default="mixlora"))]
     for name in ADAPTER_FIELDS:
         source = config_fields[name]
-        if name in PAPER_ADAPTER_DEFAULTS:
-            default = dataclasses.field(default=PAPER_ADAPTER_DEFAULTS[name])
-        elif source.default_factory is not dataclasses.MISSING:
+        if source.default_factory is not dataclasses.MISSING:
             default = dataclasses.field(default_factory=source.default_factory)
         else:
             default = dataclasses.field(default=source.default)
@@ -74,8 +70,7 @@ def _adapter_settings_class() -> type:
     specs.append(("match_rank", bool, dataclasses.field(default=False)))
     doc = """What to train. `method`: `mixlora` (top-k), `mixlora-switch`, `lora` or `dora` (HF PEFT baselines).
 
-    The other fields are `MixLoraConfig`'s, with its defaults and documentation (r and lora_alpha
-    default to the paper's 16 and 32 here). For `lora`/`dora`, r, lora_alpha, lora_dropout,
+    The other fields are `MixLoraConfig`'s, with its defaults and documentation. For `lora`/`dora`, r, lora_alpha, lora_dropout,
     target_modules and use_rslora apply, and `match_rank: true` picks the rank whose trainable
     parameter count matches MixLoRA with this r and `num_experts` (the paper's r=80 for 16 x 8),
     keeping alpha/r. `use_dora` with a MixLoRA method gives MixDoRA experts.

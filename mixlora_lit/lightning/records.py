@@ -9,6 +9,8 @@ gathered every rank's predictions.
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,14 @@ def run_dir(trainer: pl.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def _command_line() -> str:
+    """The command that runs this process, as a user would type it."""
+    argv = list(sys.argv)
+    if argv and (Path(argv[0]).name == "mixlora-lit" or argv[0].endswith(os.path.join("mixlora_lit", "cli.py"))):
+        argv[0] = "mixlora-lit"
+    return shlex.join(argv)
+
+
 class RunRecorder(pl.Callback):
     """Keeps `run.json`, `eval_history.json` and the per-example predictions of a run up to date.
 
@@ -42,6 +52,7 @@ class RunRecorder(pl.Callback):
         self._started_at = runs.timestamp()
         self._record: runs.RunRecord | None = None
         self._environment: dict[str, Any] | None = None
+        self._directory: Path | None = None  # known from setup on: on_exception may run on one rank only
 
     # ------------------------------------------------------------------ building the record
     def _environment_info(self, trainer: pl.Trainer) -> dict[str, Any]:
@@ -60,7 +71,8 @@ class RunRecorder(pl.Callback):
                 method=pl_module.adapter.method, base=pl_module.hparams.base,
                 protocol=getattr(dm, "protocol", "paper"), tasks=list(getattr(dm, "tasks", [])),
                 seed=int(seed) if seed is not None else None,
-                run_name=self.run_name, started_at=self._started_at, **self._environment_info(trainer))
+                run_name=self.run_name, started_at=self._started_at, command=_command_line(),
+                **self._environment_info(trainer))
         record = self._record
         record.adapter = pl_module.describe_adapter()
         trainable, total = pl_module.parameter_counts()
@@ -84,6 +96,7 @@ class RunRecorder(pl.Callback):
 
     # ------------------------------------------------------------------ stages
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._directory = run_dir(trainer)  # collective: every rank
         self._write(trainer, pl_module, status="running", stage=stage, error=None)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -91,8 +104,10 @@ class RunRecorder(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         error = f"{type(exception).__name__}: {exception}"
+        if trainer.global_rank != 0 or self._directory is None:  # no collective call: other ranks may be stuck
+            return
         try:
-            self._write(trainer, pl_module, status="failed", error=error[:2000])
+            self._update(trainer, pl_module, status="failed", error=error[:2000]).write(self._directory)
         except Exception:  # noqa: BLE001 - never hide the original error behind a record-keeping one
             pass
 

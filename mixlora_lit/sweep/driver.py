@@ -25,10 +25,10 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from .. import runs
-from .pruning import TRIAL_ENV
-from .spec import NUM_EXPERTS, TOP_K, SweepError, SweepSpec, check_against_config, overrides
+from .spec import TRIAL_ENV, NUM_EXPERTS, TOP_K, SweepError, SweepSpec, check_against_config, overrides, storage_url
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+RECORD_ATTRS = ("trainable_params", "tokens_per_s", "wall_time_s")  # copied from the run record per trial
 PARENT_ENV = "MIXLORA_LIT_PARENT_PID"  # a trial's fit process dies with the worker that started it
 
 
@@ -55,14 +55,15 @@ def resolved_fit_config(spec: SweepSpec, values: dict[str, Any]) -> dict[str, An
     return yaml.safe_load(out.getvalue()) or {}
 
 
-def _extremes(spec: SweepSpec, which: int) -> dict[str, Any]:
-    """Every searched value at its low (which=0) or high (which=-1) end."""
+def _probe(spec: SweepSpec, which: int) -> dict[str, Any]:
+    """Values for one check pass: numbers at their low (even passes) or high end, categoricals at their
+    `which`-th choice (the last one past the end), so that the passes together try every choice."""
     out = {}
     for name, dist in spec.space.items():
         if dist["type"] == "categorical":
-            out[name] = dist["choices"][which]
+            out[name] = dist["choices"][min(which, len(dist["choices"]) - 1)]
         else:
-            out[name] = dist["low"] if which == 0 else dist["high"]
+            out[name] = dist["low"] if which % 2 == 0 else dist["high"]
     if TOP_K in out and NUM_EXPERTS in out:
         out[TOP_K] = min(out[TOP_K], out[NUM_EXPERTS])
     return out
@@ -95,29 +96,15 @@ def check_spec(spec: SweepSpec) -> dict[str, Any]:
             raise SweepError(f"{spec.path}: space.{name}: {err}") from None
     _optuna_object(optuna.samplers, spec, spec.sampler, "sampler")
     _optuna_object(optuna.pruners, spec, spec.pruner, "pruner")
-    resolved = resolved_fit_config(spec, _extremes(spec, 0))
-    resolved_fit_config(spec, _extremes(spec, -1))
+    passes = max([2] + [len(d["choices"]) for d in spec.space.values() if d["type"] == "categorical"])
+    resolved = resolved_fit_config(spec, _probe(spec, 0))
+    for which in range(1, passes):
+        resolved_fit_config(spec, _probe(spec, which))
     check_against_config(spec, resolved)
     return resolved
 
 
 # ---------------------------------------------------------------------- storage and study
-def storage_url(url: str) -> str:
-    """The URL users type, made to work with the locked drivers; SQLite's folder is created."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise SweepError(f"storage {url!r} is not a database URL (sqlite:///file.db, postgresql://user@host/db)")
-    if scheme in ("postgresql", "postgres"):
-        try:
-            import psycopg  # noqa: F401 - SQLAlchemy's default driver for a plain postgresql:// URL
-            return f"postgresql://{rest}"
-        except ImportError:
-            return f"postgresql+psycopg2://{rest}"
-    if scheme == "sqlite" and rest.startswith("/") and rest not in ("/", "/:memory:"):
-        Path(rest[1:]).parent.mkdir(parents=True, exist_ok=True)
-    return url
-
-
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None) -> RDBStorage:
     """RDB storage with heartbeats (a killed worker's trial is failed after the grace period and retried
     once). Workers racing to create a fresh schema retry a few times."""
@@ -152,6 +139,7 @@ def _redact(url: str) -> str:
 
 
 def load_study(storage: str, study_name: str) -> optuna.Study:
+    storage_url(storage, create=False)  # a mistyped SQLite path is an error, not a new empty database
     try:
         return optuna.load_study(study_name=study_name, storage=open_storage(storage))
     except KeyError:
@@ -204,8 +192,13 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         spec = self.spec
         values = sample(trial, spec, self.resolved)
+        for key in ("run_dir", "config", "pruned_at_step", "fail_reason", *RECORD_ATTRS):
+            if key in trial.user_attrs:  # a retried trial starts with the stale trial's attributes
+                trial.set_user_attr(key, None)
         trial_dir = self.runs_dir / f"trial_{trial.number:04d}"
-        trial_dir.mkdir(parents=True, exist_ok=True)
+        if trial_dir.exists():  # left by an earlier study with the same runs_dir: kept, moved aside
+            trial_dir.rename(trial_dir.with_name(f"{trial_dir.name}.old-{int(time.time())}"))
+        trial_dir.mkdir(parents=True)
         env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
         if self.prune:
             env[TRIAL_ENV] = json.dumps({"storage": storage_url(spec.storage), "study": spec.study_name,
@@ -215,15 +208,15 @@ class Objective:
         with open(log, "w", encoding="utf8") as fh:
             code = subprocess.run(self.command(trial_dir, values, trial.number), stdout=fh, stderr=subprocess.STDOUT,
                                   env=env, stdin=subprocess.DEVNULL).returncode
-        found = runs.find_runs([trial_dir])
-        record = runs.read_record(found[-1]) if found else None
-        if found:
-            trial.set_user_attr("run_dir", str(found[-1]))
-            config_file = found[-1] / runs.CONFIG
+        run_dir = trial_dir / "version_0"  # a fresh folder: the fit's first logger version
+        record = runs.read_record(run_dir) if run_dir.is_dir() else None
+        if run_dir.is_dir():
+            trial.set_user_attr("run_dir", str(run_dir))
+            config_file = run_dir / runs.CONFIG
             if config_file.is_file():
                 trial.set_user_attr("config", yaml.safe_load(config_file.read_text()))
         if record is not None:
-            for key in ("trainable_params", "tokens_per_s", "wall_time_s"):
+            for key in RECORD_ATTRS:
                 trial.set_user_attr(key, getattr(record, key))
         if code != 0:
             self._fail(trial, f"fit exited with code {code}: {_failure_line(log)} (log: {log})")
@@ -236,7 +229,7 @@ class Objective:
         for objective in spec.objectives:
             value = runs.record_metric(record, objective.metric)
             if value is None:
-                self._fail(trial, f"the run record of {found[-1]} has no value for {objective.metric}")
+                self._fail(trial, f"the run record of {run_dir} has no value for {objective.metric}")
             results.append(float(value))
         return results[0] if len(results) == 1 else results
 
@@ -285,7 +278,10 @@ def run_sweep(spec: SweepSpec, echo=print) -> optuna.Study:
         pruner = None
     prune = pruner is not None and spec.objectives[0].metric.startswith("val/")
     storage = open_storage(spec.storage, spec.heartbeat_interval, spec.grace_period)
-    sampler = _optuna_object(optuna.samplers, spec, spec.sampler, "sampler")
+    sampler_settings = dict(spec.sampler)
+    if sampler_settings.get("seed") is not None:  # each worker its own stream: workers must not repeat trials
+        sampler_settings["seed"] = int(sampler_settings["seed"]) + os.getpid()
+    sampler = _optuna_object(optuna.samplers, spec, sampler_settings, "sampler")
     study = None
     for attempt in range(4):  # workers starting together on a fresh database race to create the study
         try:
@@ -326,9 +322,22 @@ def run_sweep(spec: SweepSpec, echo=print) -> optuna.Study:
     echo(f"[sweep] {spec.study_name}: storage {_redact(spec.storage)}, {spec.n_trials} finished trials wanted, "
          f"{sum(_counts(study)[s] for s in FINISHED)} so far; trial runs in {spec.runs_dir}")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress line replaces Optuna's per-trial log
-    study.optimize(Objective(spec, resolved, prune), n_trials=None, timeout=spec.timeout,
-                   callbacks=[progress], catch=(TrialError,), gc_after_trial=True)
+    try:
+        study.optimize(Objective(spec, resolved, prune), n_trials=None, timeout=spec.timeout,
+                       callbacks=[progress], catch=(TrialError,), gc_after_trial=True)
+    except (optuna.exceptions.OptunaError, sqlalchemy_error()) as err:
+        raise SweepError(f"study {spec.study_name!r}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    counts = _counts(study)
+    if counts[TrialState.FAIL] >= spec.failure_budget and sum(counts[s] for s in FINISHED) < spec.n_trials:
+        raise SweepError(f"study {spec.study_name!r}: stopped after {counts[TrialState.FAIL]} failed trials "
+                         f"(max_failed_trials={spec.failure_budget}); see `sweep status` and the trials' fit.log")
     return study
+
+
+def sqlalchemy_error() -> type[Exception]:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return SQLAlchemyError
 
 
 # ---------------------------------------------------------------------- reading a study
@@ -352,6 +361,8 @@ def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def best_fit_config(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
     """The trial's resolved fit config as a ready-to-run YAML (`mixlora-lit fit --config best.yaml`)."""
+    if trial.state != TrialState.COMPLETE:
+        raise SweepError(f"trial {trial.number} of {study.study_name!r} is {trial.state.name}, not COMPLETE")
     config = trial.user_attrs.get("config")
     if not config:
         raise SweepError(f"trial {trial.number} of {study.study_name!r} recorded no config")

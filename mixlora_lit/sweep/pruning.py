@@ -16,7 +16,7 @@ import os
 import lightning.pytorch as pl
 import optuna
 
-TRIAL_ENV = "MIXLORA_LIT_SWEEP_TRIAL"  # JSON: storage, study, trial_id, metric, pruner (set by the sweep worker)
+from .spec import TRIAL_ENV
 
 
 class StepPruning(pl.Callback):
@@ -43,12 +43,16 @@ class StepPruning(pl.Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit" or trainer.global_step == 0 or self.pruned_at:
             return
         value = trainer.callback_metrics.get(self.metric)
-        if value is None:
-            return
-        self.trial.report(float(value), step=trainer.global_step)
-        if self.trial.should_prune():
+        prune = False
+        if trainer.global_rank == 0 and value is not None:  # one rank reports and asks; all ranks follow it
+            self.trial.report(float(value), step=trainer.global_step)
+            prune = self.trial.should_prune()
+        if trainer.world_size > 1:
+            prune = bool(trainer.strategy.broadcast(prune, src=0))
+        if prune:
             self.pruned_at = trainer.global_step
-            self.trial.set_user_attr("pruned_at_step", trainer.global_step)
+            if trainer.global_rank == 0:
+                self.trial.set_user_attr("pruned_at_step", trainer.global_step)
             pl_module.print(f"trial {self.trial.number}: pruned at step {trainer.global_step} "
                             f"({self.metric}={float(value):.4f})")
             trainer.should_stop = True

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 TOP_K, NUM_EXPERTS = "model.adapter.top_k", "model.adapter.num_experts"
+TRIAL_ENV = "MIXLORA_LIT_SWEEP_TRIAL"  # JSON: storage, study, trial_id, metric, pruner (set by the sweep worker)
 # Run-record fields an objective may name besides the dev metrics (accuracy-vs-cost fronts).
 RECORD_METRICS = ("trainable_params", "total_params", "tokens_per_s", "wall_time_s")
 ROUTING_METRICS = ("load_entropy", "dead_expert_frac", "max_load_share")
@@ -120,6 +121,8 @@ def load_spec(path: str | os.PathLike, storage: str | None = None, study_name: s
     objectives = _objectives(path, data["objective"])
     name = study_name or data.get("study_name") or path.stem
     heartbeat = data.get("heartbeat") or {}
+    if not isinstance(heartbeat, dict):
+        raise _error(path, f"heartbeat must be a mapping {{interval: S, grace_period: S}}, got {heartbeat!r}")
     interval = int(heartbeat.get("interval", 60))
     grace = int(heartbeat.get("grace_period", 3 * interval))
     if interval < 1 or grace <= interval:
@@ -220,18 +223,29 @@ def _check_top_k(spec: SweepSpec) -> None:
 
 def check_against_config(spec: SweepSpec, resolved: dict[str, Any]) -> None:
     """Checks that need the fit config resolved: top_k vs num_experts there, and the objective metrics."""
+    from ..config import ROUTER_DEFAULTS
+    from ..data.tasks import resolve_tasks
+
     adapter = ((resolved.get("model") or {}).get("adapter") or {})
-    tasks = list(((resolved.get("data") or {}).get("tasks")) or [])
+    tasks = resolve_tasks((resolved.get("data") or {}).get("tasks") or [])
+    methods = {spec.fixed.get("model.adapter.method", adapter.get("method", "mixlora"))}
+    if "model.adapter.method" in spec.space:
+        methods = set(spec.space["model.adapter.method"].get("choices") or methods)
     if (TOP_K in spec.space) != (NUM_EXPERTS in spec.space):
         searched, other = (TOP_K, NUM_EXPERTS) if TOP_K in spec.space else (NUM_EXPERTS, TOP_K)
         value = spec.fixed.get(other, adapter.get(other.rsplit(".", 1)[1]))
+        if value is None and other == TOP_K:  # None: the routing strategy's default
+            value = max(ROUTER_DEFAULTS.get(m, ROUTER_DEFAULTS["mixlora"])["top_k"] for m in methods)
         top = _range(spec.space.get(TOP_K), value if other == TOP_K else None)
         experts = _range(spec.space.get(NUM_EXPERTS), value if other == NUM_EXPERTS else None)
-        if top is not None and experts is not None and top[0] > experts[0]:
-            raise _error(spec.path, f"{TOP_K} (at least {top[0]}) can exceed {NUM_EXPERTS} (as low as {experts[0]}, "
+        categorical_top = spec.space.get(TOP_K, {}).get("type") == "categorical"
+        if top is not None and experts is not None and (top[0] > experts[0] or
+                                                        (categorical_top or other == TOP_K) and top[1] > experts[0]):
+            raise _error(spec.path, f"{TOP_K} (up to {top[1]}) can exceed {NUM_EXPERTS} (as low as {experts[0]}; "
                                     f"{searched} searched, {other} from the fit config)")
-    known = {"val/avg_acc", *(f"val/{t}/acc" for t in tasks), *RECORD_METRICS,
-             *(f"val/routing/{m}" for m in ROUTING_METRICS)}
+    known = {"val/avg_acc", *(f"val/{t}/acc" for t in tasks), *RECORD_METRICS}
+    if all(str(m).startswith("mixlora") for m in methods):  # only MixLoRA runs log routing health
+        known |= {f"val/routing/{m}" for m in ROUTING_METRICS}
     for objective in spec.objectives:
         if objective.metric not in known:
             raise _error(spec.path, f"objective metric {objective.metric!r} is not logged by these runs; "
@@ -240,6 +254,8 @@ def check_against_config(spec: SweepSpec, resolved: dict[str, Any]) -> None:
 
 def cli_value(value: Any) -> str:
     """A value as LightningCLI reads it after `--key=` (YAML flow syntax for lists and mappings)."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, dict)):
@@ -251,3 +267,22 @@ def cli_value(value: Any) -> str:
 
 def overrides(values: dict[str, Any]) -> list[str]:
     return [f"--{key}={cli_value(value)}" for key, value in values.items()]
+
+
+def storage_url(url: str, create: bool = True) -> str:
+    """The URL users type, made to work with the locked drivers; SQLite's folder is created (with
+    `create`), else a missing SQLite file is an error."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise SweepError(f"storage {url!r} is not a database URL (sqlite:///file.db, postgresql://user@host/db)")
+    if scheme in ("postgresql", "postgres"):
+        try:
+            import psycopg  # noqa: F401 - SQLAlchemy's default driver for a plain postgresql:// URL
+            return f"postgresql://{rest}"
+        except ImportError:
+            return f"postgresql+psycopg2://{rest}"
+    if scheme == "sqlite" and rest.startswith("/") and rest not in ("/", "/:memory:"):
+        if not create and not Path(rest[1:]).is_file():
+            raise SweepError(f"storage {url}: no such SQLite file {rest[1:]}")
+        Path(rest[1:]).parent.mkdir(parents=True, exist_ok=True)
+    return url

@@ -1,0 +1,312 @@
+"""`mixlora-lit report`: run records and Optuna studies -> report.md, report.html, figures/*.png, report.json.
+
+Every number the documents show is in report.json. Accuracies are fractions of examples; the
+documents print them as percentages (x100) and differences in points.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from .. import runs
+from . import plots, stats
+from .collect import Collected, Group, collect_runs, collect_study
+from .published import published_rows
+
+UNITS = ("accuracy as a fraction of examples (0-1); diff = a - b in the same units (x100 = points); "
+         "avg = unweighted mean of the per-task accuracies")
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _group_slug(index: int, group: Group) -> str:
+    return f"g{index}"
+
+
+def summarise_group(group: Group, split: str, baseline: str, n_resamples: int, seed: int) -> dict[str, Any]:
+    methods: dict[str, Any] = {}
+    for label, m in group.methods.items():
+        per_seed = [runs.accuracy_by_task(run.predictions[split]) for run in m.runs]
+        records = [run.record for run in m.runs]
+        trainable = sorted({r.trainable_params for r in records if r.trainable_params is not None})
+        total = records[0].total_params
+        methods[label] = {
+            "method": m.method, "n_seeds": len(m.runs), "seeds": m.seeds,
+            "per_task": {t: stats.mean_std([s.get(t, float("nan")) for s in per_seed]) for t in group.tasks},
+            "avg": stats.mean_std([s["avg"] for s in per_seed]),
+            "trainable_params": trainable[0] if len(trainable) == 1 else trainable,
+            "total_params": total,
+            "trainable_pct_of_base": (100 * trainable[0] / (total - trainable[0])
+                                      if len(trainable) == 1 and total else None),
+            "global_step": sorted({r.global_step for r in records}),
+            "runs": [str(run.path) for run in m.runs],
+        }
+    comparisons = []
+    base_labels = [label for label, m in methods.items() if m["method"] == baseline]
+    pairs: list[tuple[str, str]] = []
+    if len(base_labels) == 1:
+        pairs += [(label, base_labels[0]) for label in methods if label != base_labels[0]]
+    dora = [label for label, m in methods.items() if m["method"] == "dora"]
+    if baseline != "dora" and len(dora) == 1:
+        pairs += [(label, dora[0]) for label, m in methods.items() if m["method"].startswith("mixlora")]
+    for a, b in pairs:
+        paired = stats.align([r.predictions[split] for r in group.methods[a].runs],
+                             [r.predictions[split] for r in group.methods[b].runs])
+        if paired.n_examples == 0:
+            continue
+        result = stats.compare(paired, n_resamples=n_resamples, seed=seed)
+        comparisons.append({"a": a, "b": b, "metric": "avg", **result})
+    return {"base": group.base, "protocol": group.protocol, "tasks": group.tasks, "split": split,
+            "methods": methods, "comparisons": comparisons, "baseline": base_labels[0] if base_labels else None,
+            "published": published_rows(group.tasks, group.protocol)}
+
+
+def _methods_section(group: Group) -> dict[str, Any]:
+    """Base, tasks, caps, protocol, seeds, steps, hardware, wall time, versions and commands, from the records."""
+    all_runs = [run for m in group.methods.values() for run in m.runs]
+    data = [run.config.get("data") or {} for run in all_runs]
+    caps = sorted({json.dumps({k: d.get(k) for k in ("train_cap", "dev_cap", "test_cap", "cutoff_len",
+                                                      "batch_size")}) for d in data})
+    hardware = sorted({json.dumps({k: run.record.hardware.get(k) for k in ("cpu", "gpu", "threads", "devices")
+                                   if run.record.hardware.get(k) is not None}) for run in all_runs})
+    versions = sorted({json.dumps(run.record.versions, sort_keys=True) for run in all_runs})
+    return {"base": group.base, "tasks": group.tasks, "protocol": group.protocol,
+            "caps": [json.loads(c) for c in caps], "hardware": [json.loads(h) for h in hardware],
+            "versions": [json.loads(v) for v in versions],
+            "runs": [{"path": str(run.path), "run_name": run.record.run_name, "method": run.record.method,
+                      "seed": run.record.seed,
+                      "global_step": run.record.global_step, "wall_time_s": run.record.wall_time_s,
+                      "tokens_per_s": run.record.tokens_per_s, "git_commit": run.record.git_commit,
+                      "command": run.record.command} for run in all_runs]}
+
+
+def _figures(index: int, group: Group, summary: dict[str, Any], figures: Path) -> list[dict[str, str]]:
+    out = []
+    slug = _group_slug(index, group)
+    path = plots.accuracy_bars(group.tasks, summary["methods"], figures / f"{slug}_accuracy.png",
+                               f"{group.key}: {summary['split']} accuracy, mean +- std over seeds")
+    out.append({"file": path.name, "caption": "Per-task accuracy and the average per method (error bars: std over seeds)."})
+    for n, (label, m) in enumerate(group.methods.items()):
+        history = [h for h in m.runs[0].eval_history if h.get("routing_counts")]
+        chosen = [h for h in history if h["stage"] == summary["split"]] or history
+        if chosen:
+            path = plots.routing(chosen[-1]["routing_counts"], figures / f"{slug}_routing_{n}.png",
+                                 f"{label}: expert load on {chosen[-1]['stage']} at step {chosen[-1]['step']} "
+                                 f"(seed {m.runs[0].record.seed})")
+            out.append({"file": path.name, "caption": f"{label}: share of tokens per expert per layer, and load "
+                                                      f"entropy per layer."})
+    curves = {}
+    for label, m in group.methods.items():
+        for run in m.runs:
+            rows = runs.read_metrics(run.path)
+            if rows:
+                curves[f"{label} s{run.record.seed}"] = rows
+    if curves:
+        path = plots.training_curves(curves, figures / f"{slug}_curves.png", f"{group.key}: training")
+        out.append({"file": path.name, "caption": "Training LM loss, router aux loss and dev accuracy per run."})
+    return out
+
+
+def build_report(run_paths: list[str], studies: list[str], out: str | Path, title: str = "MixLoRA comparison",
+                 baseline: str = "lora", split: str = "test", n_resamples: int = 10_000, seed: int = 0) -> dict:
+    out = Path(out)
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    collected: Collected = collect_runs(run_paths, split) if run_paths else Collected([], [])
+    report: dict[str, Any] = {"title": title, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                              "units": UNITS, "split": split, "baseline": baseline,
+                              "statistics": stats.__doc__.strip(), "n_resamples": n_resamples,
+                              "command": shlex.join(["mixlora-lit", *sys.argv[1:]]) if sys.argv else None,
+                              "groups": [], "incomplete_runs": collected.incomplete, "studies": []}
+    for index, group in enumerate(collected.groups):
+        summary = summarise_group(group, split, baseline, n_resamples, seed)
+        summary["methods_section"] = _methods_section(group)
+        summary["figures"] = _figures(index, group, summary, figures)
+        report["groups"].append(summary)
+    for spec in studies:
+        study = collect_study(spec)
+        study["figures"] = []
+        slug = f"study_{len(report['studies'])}"
+        if any(t["state"] in ("COMPLETE", "PRUNED") for t in study["trials"]):
+            study["figures"].append({"file": plots.study_history(study, figures / f"{slug}_history.png").name,
+                                     "caption": "Objective per trial and the best so far."})
+            study["figures"].append({"file": plots.study_parallel(study, figures / f"{slug}_parallel.png").name,
+                                     "caption": "Searched parameters against the objective."})
+        if study["importances"]:
+            study["figures"].append({"file": plots.study_importances(study, figures / f"{slug}_importance.png").name,
+                                     "caption": "Parameter importances (Optuna's fANOVA)."})
+        report["studies"].append(study)
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / "report.md").write_text(render_markdown(report))
+    (out / "report.html").write_text(render_html(report, figures))
+    return report
+
+
+# ---------------------------------------------------------------------- documents
+def _table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    tasks = summary["tasks"]
+    header = ["method", "seeds", *tasks, "avg", "trainable params", "% of base", "avg - baseline (95% CI)"]
+    by_label = {(c["a"], c["b"]): c for c in summary["comparisons"]}
+    rows = []
+    for label, m in summary["methods"].items():
+        cells = [label, str(m["n_seeds"])]
+        for t in tasks:
+            cells.append(f"{_pct(m['per_task'][t]['mean'])} ± {_pct(m['per_task'][t]['std'])}")
+        cells.append(f"{_pct(m['avg']['mean'])} ± {_pct(m['avg']['std'])}")
+        params = m["trainable_params"]
+        cells.append(f"{params:,}" if isinstance(params, int) else str(params))
+        cells.append(f"{m['trainable_pct_of_base']:.2f}" if m["trainable_pct_of_base"] is not None else "-")
+        c = by_label.get((label, summary["baseline"]))
+        cells.append(f"{100 * c['diff']:+.1f} [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}] p={c['p_value']:.3g}"
+                     if c else ("baseline" if label == summary["baseline"] else "-"))
+        rows.append(cells)
+    published = summary.get("published")
+    if published:
+        for method, values in published["methods"].items():
+            cells = [f"paper: {method} (LLaMA-2 7B)", "-"]
+            cells += [_pct(values["per_task"].get(t)) for t in tasks]
+            cells += [_pct(values["avg"]), "-", "-", "-"]
+            rows.append(cells)
+    return header, rows
+
+
+def _comparison_rows(summary: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for c in summary["comparisons"]:
+        per_task = "; ".join(f"{t} {100 * e['diff']:+.1f}" + (f" (McNemar p={e['p_mcnemar']:.3g})" if "p_mcnemar" in e
+                                                             else "") for t, e in c["per_task"].items())
+        rows.append([f"{c['a']} - {c['b']}", f"{100 * c['diff']:+.2f}",
+                     f"[{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}]", f"{c['p_value']:.4g}",
+                     str(c["n_examples"]), f"{c['n_seeds'][0]} / {c['n_seeds'][1]}", per_task])
+    return rows
+
+
+COMPARISON_HEADER = ["a - b", "diff (points)", "95% CI", "p (permutation)", "examples", "seeds a / b", "per task"]
+
+
+def _md(text: Any) -> str:
+    """A string from configs or data, safe inside a Markdown table cell (no raw HTML, no cell breaks)."""
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+            .replace("\n", " "))
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    esc = _md
+
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    out = [f"# {report['title']}", "", f"Generated {report['created']} by `{report['command']}`. Units: {report['units']}.",
+           ""]
+    for i, g in enumerate(report["groups"]):
+        out += [f"## {g['base']} · protocol `{g['protocol']}` · {', '.join(g['tasks'])}", "",
+                f"{g['split']} accuracy (%), mean ± std over seeds; the last column is the difference of the "
+                f"average to the baseline `{g['baseline']}` with its paired bootstrap 95% CI and permutation p-value.",
+                "", _md_table(*_table_rows(g)), ""]
+        if g.get("published"):
+            out += [f"Paper rows: {g['published']['source']}, {g['published']['scale']}; ours: "
+                    f"{g['base']}, caps and steps in the methods section. Not the same scale: compare directions, "
+                    f"not values.", ""]
+        if g["comparisons"]:
+            out += ["### Paired comparisons", "", _md_table(COMPARISON_HEADER, _comparison_rows(g)), ""]
+        for fig in g["figures"]:
+            out += [f"![{fig['caption']}](figures/{fig['file']})", "", fig["caption"], ""]
+        ms = g["methods_section"]
+        out += ["### Methods", "", f"- base `{ms['base']}`, tasks {', '.join(ms['tasks'])}, protocol `{ms['protocol']}`",
+                f"- data caps and batch: {json.dumps(ms['caps'])}", f"- hardware: {json.dumps(ms['hardware'])}",
+                f"- versions: {json.dumps(ms['versions'])}", "", "| run | method | seed | steps | wall time (s) | "
+                "tokens/s | commit | command |", "|---|---|---|---|---|---|---|---|"]
+        for r in ms["runs"]:
+            out.append(f"| {_md(r['path'])} ({_md(r['run_name'] or '-')}) | {_md(r['method'])} | {r['seed']} | "
+                       f"{r['global_step']} | {r['wall_time_s']} | "
+                       f"{'-' if r['tokens_per_s'] is None else round(r['tokens_per_s'], 1)} | {_md(r['git_commit'])} | "
+                       f"{_md(r['command'] or '-')} |")
+        out.append("")
+    if report["incomplete_runs"]:
+        out += ["## Runs not included", "", _md_table(["path", "status", "reason"],
+                                                      [[r["path"], r["status"], r.get("reason", "")]
+                                                       for r in report["incomplete_runs"]]), ""]
+    for s in report["studies"]:
+        counts: dict[str, int] = {}
+        for t in s["trials"]:
+            counts[t["state"]] = counts.get(t["state"], 0) + 1
+        out += [f"## Study `{s['name']}`", "", f"Storage `{s['storage']}`, objectives {s['objectives']} "
+                f"({', '.join(s['directions'])}); trials: {json.dumps(counts)}; best trial: {s['best']}; "
+                f"Pareto front: {s['pareto'] or '-'}.", ""]
+        for fig in s["figures"]:
+            out += [f"![{fig['caption']}](figures/{fig['file']})", "", fig["caption"], ""]
+    out += ["## Statistics", "", report["statistics"], ""]
+    return "\n".join(out)
+
+
+_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ report.title }}</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+td:first-child,th:first-child{text-align:left}
+img{max-width:100%;border:1px solid #eee}
+code{background:#f4f4f4;padding:1px 3px}
+</style></head><body>
+<h1>{{ report.title }}</h1>
+<p>Generated {{ report.created }} by <code>{{ report.command }}</code>. Units: {{ report.units }}.</p>
+{% for g in report.groups %}
+<h2>{{ g.base }} · protocol <code>{{ g.protocol }}</code> · {{ g.tasks | join(", ") }}</h2>
+<p>{{ g.split }} accuracy (%), mean ± std over seeds; the last column is the difference of the average to the
+baseline <code>{{ g.baseline }}</code> with its paired bootstrap 95% CI and permutation p-value.</p>
+<table class="main"><tr>{% for h in g.table[0] %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in g.table[1] %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
+{% if g.published %}<p>Paper rows: {{ g.published.source }}, {{ g.published.scale }}. Not the same scale as ours:
+compare directions, not values.</p>{% endif %}
+{% if g.comparison_rows %}<h3>Paired comparisons</h3>
+<table><tr>{% for h in comparison_header %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in g.comparison_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
+{% for fig in g.figures %}<figure><img alt="{{ fig.caption }}" src="{{ images[fig.file] }}">
+<figcaption>{{ fig.caption }}</figcaption></figure>{% endfor %}
+<h3>Methods</h3>
+<ul><li>base <code>{{ g.methods_section.base }}</code>, protocol <code>{{ g.methods_section.protocol }}</code></li>
+<li>data caps and batch: {{ g.methods_section.caps | tojson }}</li><li>hardware: {{ g.methods_section.hardware | tojson }}</li>
+<li>versions: {{ g.methods_section.versions | tojson }}</li></ul>
+<table><tr><th>run</th><th>method</th><th>seed</th><th>steps</th><th>wall time (s)</th><th>commit</th><th>command</th></tr>
+{% for r in g.methods_section.runs %}<tr><td><code>{{ r.path }}</code> {{ r.run_name or "" }}</td><td>{{ r.method }}</td><td>{{ r.seed }}</td>
+<td>{{ r.global_step }}</td><td>{{ r.wall_time_s }}</td><td>{{ r.git_commit }}</td><td><code>{{ r.command }}</code></td></tr>{% endfor %}
+</table>
+{% endfor %}
+{% if report.incomplete_runs %}<h2>Runs not included</h2><table><tr><th>path</th><th>status</th><th>reason</th></tr>
+{% for r in report.incomplete_runs %}<tr><td><code>{{ r.path }}</code></td><td>{{ r.status }}</td><td>{{ r.reason }}</td></tr>{% endfor %}
+</table>{% endif %}
+{% for s in report.studies %}<h2>Study <code>{{ s.name }}</code></h2>
+<p>Storage <code>{{ s.storage }}</code>, objectives {{ s.objectives }} ({{ s.directions | join(", ") }});
+{{ s.trials | length }} trials; best trial {{ s.best }}; Pareto front {{ s.pareto }}.</p>
+{% for fig in s.figures %}<figure><img alt="{{ fig.caption }}" src="{{ images[fig.file] }}">
+<figcaption>{{ fig.caption }}</figcaption></figure>{% endfor %}{% endfor %}
+<h2>Statistics</h2><pre>{{ report.statistics }}</pre>
+</body></html>
+"""
+
+
+def render_html(report: dict[str, Any], figures: Path) -> str:
+    """One self-contained file: figures as data URIs, every string escaped by Jinja2's autoescape."""
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    images = {}
+    for item in [f for g in report["groups"] for f in g["figures"]] + [f for s in report["studies"]
+                                                                        for f in s["figures"]]:
+        data = (figures / item["file"]).read_bytes()
+        images[item["file"]] = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    groups = [dict(g, table=_table_rows(g), comparison_rows=_comparison_rows(g)) for g in report["groups"]]
+    return env.from_string(_HTML).render(report=dict(report, groups=groups), images=images,
+                                         comparison_header=COMPARISON_HEADER)

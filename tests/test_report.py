@@ -1,0 +1,269 @@
+"""`mixlora-lit report`: tables, paired statistics, plots and documents, against independent computations."""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats as scipy_stats
+
+from mixlora_lit import runs
+from mixlora_lit.cli import main
+from mixlora_lit.report import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["arc_easy", "boolq"]
+
+
+def make_run(root: Path, name: str, method: str, seed: int, correct: dict[str, list[bool]], base: str = "tiny",
+             status: str = "finished", protocol: str = "paper", trainable: int = 1000, run_name: str | None = None,
+             routing: bool = False) -> Path:
+    """A run directory as `fit --test_after_fit true` leaves it, with chosen per-example outcomes."""
+    run_dir = root / name / "version_0"
+    rows = [{"task": task, "id": f"{task}-{i}", "label": 0, "prediction": 0 if ok else 1, "correct": ok,
+             "protocol": protocol} for task, outcomes in correct.items() for i, ok in enumerate(outcomes)]
+    record = runs.RunRecord(method=method, base=base, protocol=protocol, tasks=list(correct), seed=seed,
+                            trainable_params=trainable, total_params=100_000 + trainable, global_step=10,
+                            wall_time_s=1.5, tokens_per_s=100.0, status=status, run_name=run_name,
+                            command=f"mixlora-lit fit --seed_everything={seed}",
+                            test=runs.accuracy_by_task(rows), adapter={"r": 4})
+    record.write(run_dir)
+    if status == "finished":
+        runs.write_predictions(run_dir, "test", rows)
+    history = [{"stage": "test", "step": 10, "acc": {}}]
+    if routing:
+        history[0]["routing_counts"] = [[5, 1, 0, 2], [2, 2, 2, 2]]
+    runs.write_eval_history(run_dir, history)
+    (run_dir / runs.METRICS).write_text("epoch,step,train/lm_loss,train/aux_loss,val/avg_acc\n0,0,2.0,0.01,\n"
+                                        "0,5,1.5,0.01,0.4\n")
+    (run_dir / runs.CONFIG).write_text(yaml.safe_dump({"data": {"train_cap": 10, "test_cap": 5},
+                                                       "model": {"optimizer": {"lr": 1e-3}}}))
+    return run_dir
+
+
+def paired(a: list[list[bool]], b: list[list[bool]], task_index: list[int], tasks: list[str]) -> stats.Paired:
+    return stats.Paired(tasks, np.array(a, float), np.array(b, float), np.array(task_index))
+
+
+# ---------------------------------------------------------------------- statistics
+def test_bootstrap_ci_matches_scipy_on_one_task_and_one_seed():
+    rng = np.random.default_rng(3)
+    a = rng.random(300) < 0.6
+    b = rng.random(300) < 0.5
+    p = paired([a], [b], [0] * 300, ["t"])
+    low, high = stats.bootstrap_ci(p, n_resamples=20_000, seed=1)
+    ref = scipy_stats.bootstrap((a.astype(float), b.astype(float)), lambda x, y, axis: x.mean(axis) - y.mean(axis),
+                                paired=True, vectorized=True, n_resamples=20_000, method="percentile",
+                                random_state=np.random.default_rng(2)).confidence_interval
+    assert low == pytest.approx(ref.low, abs=0.006) and high == pytest.approx(ref.high, abs=0.006)
+    assert stats.difference(p) == pytest.approx(a.mean() - b.mean())
+
+
+def _loop_bootstrap(a_seeds, b_seeds, task_of, n_tasks, reps, rng):
+    """An independent, plain-loop version of the hierarchical paired bootstrap."""
+    out = []
+    members = [[i for i, t in enumerate(task_of) if t == k] for k in range(n_tasks)]
+    for _ in range(reps):
+        sa = [a_seeds[rng.integers(len(a_seeds))] for _ in a_seeds]
+        sb = [b_seeds[rng.integers(len(b_seeds))] for _ in b_seeds]
+        per_task = []
+        for idx in members:
+            pick = [idx[rng.integers(len(idx))] for _ in idx]
+            per_task.append(np.mean([np.mean([s[i] for s in sa]) - np.mean([s[i] for s in sb]) for i in pick]))
+        out.append(np.mean(per_task))
+    return np.percentile(out, [2.5, 97.5])
+
+
+def test_hierarchical_bootstrap_matches_an_independent_loop_over_tasks_and_seeds():
+    rng = np.random.default_rng(5)
+    task_of = [0] * 40 + [1] * 25
+    a = [(rng.random(65) < 0.7).tolist() for _ in range(3)]
+    b = [(rng.random(65) < 0.5).tolist() for _ in range(2)]
+    p = paired(a, b, task_of, ["x", "y"])
+    low, high = stats.bootstrap_ci(p, n_resamples=8000, seed=0)
+    ref_low, ref_high = _loop_bootstrap(a, b, task_of, 2, 3000, np.random.default_rng(9))
+    assert low == pytest.approx(ref_low, abs=0.02) and high == pytest.approx(ref_high, abs=0.02)
+    # the average over tasks is unweighted: 40 and 25 examples count the same
+    expected = np.mean([np.mean(np.mean(a, 0)[:40]) - np.mean(np.mean(b, 0)[:40]),
+                        np.mean(np.mean(a, 0)[40:]) - np.mean(np.mean(b, 0)[40:])])
+    assert stats.difference(p) == pytest.approx(expected)
+
+
+def test_permutation_p_value_equals_the_exact_enumeration():
+    a = [1, 1, 1, 0, 1, 1, 0, 1, 1, 1, 0, 1]
+    b = [0, 1, 0, 0, 0, 1, 1, 0, 1, 0, 0, 0]
+    d = np.array(a, float) - np.array(b, float)
+    observed = abs(d.mean())
+    flips = [abs((np.array(signs) * d).mean()) for signs in itertools.product([-1, 1], repeat=len(d))]
+    exact = np.mean([f >= observed - 1e-12 for f in flips])  # 2 * 2^-6 with 6 discordant pairs, 5 of one sign
+    p = stats.permutation_p_value(paired([a], [b], [0] * len(a), ["t"]), n_resamples=40_000, seed=4)
+    assert p == pytest.approx(exact, abs=0.01)
+    assert stats.permutation_p_value(paired([a], [a], [0] * len(a), ["t"])) == 1.0
+
+
+def test_mcnemar_is_the_exact_binomial_on_discordant_pairs():
+    a = [1, 1, 1, 1, 1, 1, 0, 1, 0, 0]  # 6 pairs right only for a, 1 only for b, 3 agree
+    b = [0, 0, 0, 0, 0, 0, 1, 1, 0, 0]
+    assert stats.mcnemar_p_value(np.array(a), np.array(b)) == pytest.approx(2 * (1 + 7) / 2**7)
+    assert stats.mcnemar_p_value(np.array(a), np.array(a)) == 1.0
+
+
+# ---------------------------------------------------------------------- the report from fabricated runs
+def _fabricate(root: Path) -> dict:
+    lora = [{"arc_easy": [1, 0, 1, 0, 1, 0, 0, 0], "boolq": [1, 1, 0, 0, 1, 0]},
+            {"arc_easy": [1, 1, 1, 0, 1, 0, 0, 0], "boolq": [1, 0, 0, 0, 1, 0]}]
+    mix = [{"arc_easy": [1, 1, 1, 1, 1, 0, 1, 0], "boolq": [1, 1, 1, 0, 1, 0]},
+           {"arc_easy": [1, 1, 1, 1, 1, 1, 1, 0], "boolq": [1, 1, 1, 1, 1, 0]}]
+    for seed, outcome in enumerate(lora):
+        make_run(root, f"lora-s{seed}", "lora", seed, {k: [bool(x) for x in v] for k, v in outcome.items()},
+                 trainable=5000)
+    for seed, outcome in enumerate(mix):
+        make_run(root, f"mix-s{seed}", "mixlora", seed, {k: [bool(x) for x in v] for k, v in outcome.items()},
+                 trainable=5200, routing=True, run_name="<script>alert('x')</script>" if seed == 0 else None)
+    make_run(root, "other-base", "lora", 0, {"arc_easy": [True, False]}, base="other-model")
+    make_run(root, "killed", "mixlora", 5, {"arc_easy": [True]}, status="running")
+    make_run(root, "diverged", "dora", 0, {"arc_easy": [True]}, status="failed")
+    return {"lora": lora, "mix": mix}
+
+
+def test_report_tables_groups_and_incomplete_runs(tmp_path, capsys):
+    outcomes = _fabricate(tmp_path / "runs")
+    out = tmp_path / "report"
+    assert main(["report", "--runs", str(tmp_path / "runs"), str(tmp_path / "nowhere"), "--out", str(out),
+                 "--n-resamples", "2000"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "fraction" in report["units"]
+    groups = {g["base"]: g for g in report["groups"]}
+    assert set(groups) == {"tiny", "other-model"}  # another base is its own group, never averaged in
+    g = groups["tiny"]
+    assert g["tasks"] == TASKS and g["protocol"] == "paper" and set(g["methods"]) == {"lora", "mixlora"}
+    for label, key in (("lora", "lora"), ("mixlora", "mix")):
+        m = g["methods"][label]
+        per_seed = {t: [np.mean(o[t]) for o in outcomes[key]] for t in TASKS}
+        for t in TASKS:
+            assert m["per_task"][t]["mean"] == pytest.approx(np.mean(per_seed[t]))
+            assert m["per_task"][t]["std"] == pytest.approx(np.std(per_seed[t], ddof=1))
+        avgs = [np.mean([np.mean(o[t]) for t in TASKS]) for o in outcomes[key]]
+        assert m["avg"]["mean"] == pytest.approx(np.mean(avgs)) and m["avg"]["std"] == pytest.approx(np.std(avgs, ddof=1))
+        assert m["n_seeds"] == 2
+    assert g["methods"]["lora"]["trainable_params"] == 5000
+    assert g["methods"]["lora"]["trainable_pct_of_base"] == pytest.approx(5.0)
+    (comparison,) = g["comparisons"]
+    assert (comparison["a"], comparison["b"], comparison["metric"]) == ("mixlora", "lora", "avg")
+    assert comparison["diff"] == pytest.approx(g["methods"]["mixlora"]["avg"]["mean"] - g["methods"]["lora"]["avg"]["mean"])
+    assert comparison["ci_low"] < comparison["diff"] < comparison["ci_high"]
+    assert comparison["n_examples"] == 14 and comparison["n_seeds"] == [2, 2] and 0 < comparison["p_value"] <= 1
+    assert g["published"] is None  # the paper has no cell for this task set
+    listed = {Path(r["path"]).parent.name if r["status"] != "missing" else "missing": r["status"]
+              for r in report["incomplete_runs"]}
+    assert listed == {"killed": "running", "diverged": "failed", "missing": "missing"}
+    md = (out / "report.md").read_text()
+    assert "Runs not included" in md and "killed" in md and "| mixlora |" in md
+    assert f"{100 * comparison['diff']:+.1f}" in md
+    printed = capsys.readouterr().out
+    assert "mixlora - lora" in printed and "3 run(s) not included" in printed
+
+
+def test_html_is_self_contained_escaped_and_its_figures_are_pngs(tmp_path):
+    import matplotlib.image
+
+    _fabricate(tmp_path / "runs")
+    out = tmp_path / "report"
+    assert main(["report", "--runs", str(tmp_path / "runs"), "--out", str(out), "--n-resamples", "500"]) == 0
+    html = (out / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html
+    assert "<script" not in html and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
+    report = json.loads((out / "report.json").read_text())
+    files = [f["file"] for g in report["groups"] for f in g["figures"]]
+    assert any("routing" in f for f in files) and any("accuracy" in f for f in files)
+    uris = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(uris) == len(files) and not re.findall(r'src="(?!data:)', html)
+    for uri in uris:
+        data = base64.b64decode(uri)
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        image = matplotlib.image.imread(io.BytesIO(data), format="png")
+        assert image.shape[0] > 100 and image.std() > 0.01  # a real, non-blank picture
+    assert all((out / "figures" / f).is_file() for f in files)
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_html_renders_in_headless_chromium(tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium); .ci/run installs it")
+    _fabricate(tmp_path / "runs")
+    out = tmp_path / "report"
+    assert main(["report", "--runs", str(tmp_path / "runs"), "--out", str(out), "--n-resamples", "200"]) == 0
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "page.png"
+    page = (out / "report.html").resolve().as_uri()
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1280,1600", page], check=True,
+                   capture_output=True, timeout=120)
+    dom = subprocess.run([browser, *flags, "--dump-dom", page], check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+    assert "<table" in dom and "mixlora" in dom and "<img" in dom
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (1600, 1280) and pixels[..., :3].std() > 0.02  # not a blank page
+
+
+# ---------------------------------------------------------------------- end to end
+def test_report_end_to_end_on_real_runs_and_a_study(tiny_model_dir, prepared_data, tmp_path):
+    from mixlora_lit.lightning.cli import run
+
+    data_dir, _ = prepared_data
+    common = [f"--model.base={tiny_model_dir}", "--model.base_dtype=fp32", "--model.adapter.r=4",
+              "--model.adapter.lora_alpha=8", "--model.adapter.num_experts=4", f"--data.data_dir={data_dir}",
+              "--data.train_cap=24", "--data.dev_cap=6", "--data.test_cap=8", "--data.batch_size=4",
+              "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.num_sanity_val_steps=0",
+              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--seed_everything=3",
+              "--test_after_fit=true"]
+    for method in ("lora", "mixlora"):
+        run(["fit", *common, f"--model.adapter.method={method}", f"--trainer.default_root_dir={tmp_path / 'runs' / method}"])
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_sweep import write_sweep
+
+    fit_yaml = tmp_path / "fit.yaml"
+    fit_yaml.write_text(yaml.safe_dump({"model": {"base": str(tiny_model_dir), "base_dtype": "fp32",
+                                                  "adapter": {"r": 4, "lora_alpha": 8, "num_experts": 4}},
+                                        "data": {"data_dir": str(data_dir), "train_cap": 24, "dev_cap": 6,
+                                                 "batch_size": 4},
+                                        "trainer": {"max_steps": 2, "val_check_interval": 2,
+                                                    "num_sanity_val_steps": 0, "enable_progress_bar": False}}))
+    sweep = write_sweep(tmp_path, fit_yaml, name="study")
+    assert main(["sweep", "run", "--config", str(sweep)]) == 0
+    out = tmp_path / "report"
+    assert main(["report", "--runs", str(tmp_path / "runs"), "--study", f"sqlite:///{tmp_path}/study.db:study",
+                 "--out", str(out), "--n-resamples", "1000", "--title", "end to end"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    (group,) = report["groups"]
+    assert set(group["methods"]) == {"lora", "mixlora"} and group["comparisons"][0]["n_examples"] == 5 * 8
+    assert group["published"]["source"] == "MixLoRA paper, Table 2 (multi-task)"
+    (study,) = report["studies"]
+    assert len([t for t in study["trials"] if t["state"] == "COMPLETE"]) == 4 and study["best"] is not None
+    figures = {f["file"] for f in study["figures"]} | {f["file"] for f in group["figures"]}
+    assert {"study_0_history.png", "study_0_parallel.png", "g0_curves.png", "g0_accuracy.png"} <= figures
+    assert all((out / "figures" / f).is_file() for f in figures)
+    md = (out / "report.md").read_text()
+    assert "paper: mixlora (LLaMA-2 7B)" in md and "## Study `study`" in md
+    # The report side needs neither torch nor Lightning.
+    code = ("import sys; from mixlora_lit.report.build import build_report; "
+            f"build_report([{str(tmp_path / 'runs')!r}], [], {str(tmp_path / 'again')!r}, n_resamples=200); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning')]; assert not bad, bad[:3]")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
