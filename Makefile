@@ -46,10 +46,10 @@ demo: assets
 # The demo comparison report: the quickstart (MixLoRA) and the same run with parameter-matched LoRA,
 # compared by `mixlora-lit report` into reports/quickstart/ (about 15 minutes on a 2-core CPU).
 demo-report: assets
-	test -f runs/quickstart/version_0/predictions/test.jsonl || $(BIN)/mixlora-lit fit --config configs/quickstart.yaml
-	test -f runs/quickstart-lora/version_0/predictions/test.jsonl || $(BIN)/mixlora-lit fit --config configs/quickstart.yaml \
-		--model.adapter.method=lora --model.adapter.match_rank=true --run_name=quickstart-lora
-	$(BIN)/mixlora-lit report --runs runs/quickstart/version_0 runs/quickstart-lora/version_0 --out reports/quickstart \
+	ls runs/quickstart/version_*/predictions/test.jsonl >/dev/null 2>&1 || $(BIN)/mixlora-lit fit --config configs/quickstart.yaml
+	ls runs/quickstart-lora/version_*/predictions/test.jsonl >/dev/null 2>&1 || $(BIN)/mixlora-lit fit \
+		--config configs/quickstart.yaml --model.adapter.method=lora --model.adapter.match_rank=true --run_name=quickstart-lora
+	$(BIN)/mixlora-lit report --runs runs/quickstart runs/quickstart-lora --out reports/quickstart \
 		--title "Quickstart: MixLoRA vs parameter-matched LoRA (SmolLM2-135M, 120 steps)" --baseline lora
 
 library-demo: assets

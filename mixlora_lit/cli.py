@@ -93,14 +93,22 @@ def _sweep_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pct_or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report.build import build_report
 
+    import shlex
+
     report = build_report(args.runs or [], args.study or [], args.out, title=args.title, baseline=args.baseline,
-                          split=args.split, n_resamples=args.n_resamples, seed=args.seed)
+                          split=args.split, n_resamples=args.n_resamples, seed=args.seed,
+                          command=shlex.join(["mixlora-lit", "report", *args.argv])
+                          if getattr(args, "argv", None) is not None else None)
     groups = report["groups"]
     for g in groups:
-        line = ", ".join(f"{label} {100 * m['avg']['mean']:.1f}" for label, m in g["methods"].items())
+        line = ", ".join(f"{label} {_pct_or_dash(m['avg']['mean'])}" for label, m in g["methods"].items())
         print(f"{g['base']} | {g['protocol']} | {'+'.join(g['tasks'])}: {line}")
         for c in g["comparisons"]:
             print(f"  {c['a']} - {c['b']}: {100 * c['diff']:+.1f} points, 95% CI [{100 * c['ci_low']:+.1f}, "
@@ -206,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         run(None if from_command_line else argv)
         return 0
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:] if argv and argv[0] == "report" else None
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

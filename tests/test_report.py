@@ -31,7 +31,9 @@ def make_run(root: Path, name: str, method: str, seed: int, correct: dict[str, l
     """A run directory as `fit --test_after_fit true` leaves it, with chosen per-example outcomes."""
     run_dir = root / name / "version_0"
     rows = [{"task": task, "id": f"{task}-{i}", "label": 0, "prediction": 0 if ok else 1, "correct": ok,
-             "protocol": protocol} for task, outcomes in correct.items() for i, ok in enumerate(outcomes)]
+             "protocol": protocol} for task, outcomes in correct.items() for i, ok in enumerate(outcomes)
+            if ok is not None]  # None: this run did not score that example
+    np.random.default_rng(seed + len(name)).shuffle(rows)  # pairing must go by (task, id), not position
     record = runs.RunRecord(method=method, base=base, protocol=protocol, tasks=list(correct), seed=seed,
                             trainable_params=trainable, total_params=100_000 + trainable, global_step=10,
                             wall_time_s=1.5, tokens_per_s=100.0, status=status, run_name=run_name,
@@ -99,6 +101,21 @@ def test_hierarchical_bootstrap_matches_an_independent_loop_over_tasks_and_seeds
     assert stats.difference(p) == pytest.approx(expected)
 
 
+def test_seed_resampling_widens_the_interval_when_seeds_disagree():
+    """Two seeds of a that disagree completely (all right / all wrong): the interval must span the seed
+    spread, which resampling examples alone cannot show."""
+    n = 200
+    a = [[1] * n, [0] * n]
+    b = [[1, 0] * (n // 2)]
+    p = paired(a, b, [0] * n, ["t"])
+    low, high = stats.bootstrap_ci(p, n_resamples=4000, seed=0)
+    assert stats.difference(p) == pytest.approx(0.0)
+    assert low < -0.4 and high > 0.4  # seeds resampled: sometimes both seeds are the all-wrong one
+    single = paired([[0.5] * n], b, [0] * n, ["t"])  # the same example means without seed variation
+    s_low, s_high = stats.bootstrap_ci(single, n_resamples=4000, seed=0)
+    assert s_high - s_low < 0.2
+
+
 def test_permutation_p_value_equals_the_exact_enumeration():
     a = [1, 1, 1, 0, 1, 1, 0, 1, 1, 1, 0, 1]
     b = [0, 1, 0, 0, 0, 1, 1, 0, 1, 0, 0, 0]
@@ -112,7 +129,7 @@ def test_permutation_p_value_equals_the_exact_enumeration():
 
 
 def test_mcnemar_is_the_exact_binomial_on_discordant_pairs():
-    a = [1, 1, 1, 1, 1, 1, 0, 1, 0, 0]  # 6 pairs right only for a, 1 only for b, 3 agree
+    a = [1, 1, 1, 1, 1, 1, 0, 1, 0, 0]  # 7 discordant pairs: 6 right only for a, 1 only for b; 3 agree
     b = [0, 0, 0, 0, 0, 0, 1, 1, 0, 0]
     assert stats.mcnemar_p_value(np.array(a), np.array(b)) == pytest.approx(2 * (1 + 7) / 2**7)
     assert stats.mcnemar_p_value(np.array(a), np.array(a)) == 1.0
@@ -121,57 +138,93 @@ def test_mcnemar_is_the_exact_binomial_on_discordant_pairs():
 # ---------------------------------------------------------------------- the report from fabricated runs
 def _fabricate(root: Path) -> dict:
     lora = [{"arc_easy": [1, 0, 1, 0, 1, 0, 0, 0], "boolq": [1, 1, 0, 0, 1, 0]},
-            {"arc_easy": [1, 1, 1, 0, 1, 0, 0, 0], "boolq": [1, 0, 0, 0, 1, 0]}]
+            {"arc_easy": [1, 1, 1, 0, 1, 0, 0, None], "boolq": [1, 0, 0, 0, 1, 0]}]  # one example not scored
     mix = [{"arc_easy": [1, 1, 1, 1, 1, 0, 1, 0], "boolq": [1, 1, 1, 0, 1, 0]},
            {"arc_easy": [1, 1, 1, 1, 1, 1, 1, 0], "boolq": [1, 1, 1, 1, 1, 0]}]
-    for seed, outcome in enumerate(lora):
-        make_run(root, f"lora-s{seed}", "lora", seed, {k: [bool(x) for x in v] for k, v in outcome.items()},
-                 trainable=5000)
-    for seed, outcome in enumerate(mix):
-        make_run(root, f"mix-s{seed}", "mixlora", seed, {k: [bool(x) for x in v] for k, v in outcome.items()},
-                 trainable=5200, routing=True, run_name="<script>alert('x')</script>" if seed == 0 else None)
-    make_run(root, "other-base", "lora", 0, {"arc_easy": [True, False]}, base="other-model")
+
+    def outcome(o):
+        return {k: [None if x is None else bool(x) for x in v] for k, v in o.items()}
+
+    for seed, o in enumerate(lora):
+        make_run(root, f"lora-s{seed}", "lora", seed, outcome(o), trainable=5000)
+    # an older run of the same configuration and seed: a duplicate, listed and not counted
+    old = make_run(root, "lora-s0-old", "lora", 0, outcome(lora[1]), trainable=5000)
+    record = json.loads((old / runs.RUN_RECORD).read_text())
+    (old / runs.RUN_RECORD).write_text(json.dumps(dict(record, updated_at="2020-01-01T00:00:00+0000")))
+    for seed, o in enumerate(mix):
+        make_run(root, f"mix-s{seed}", "mixlora", seed, outcome(o), trainable=5200, routing=True,
+                 run_name="<script>alert('x')</script>" if seed == 0 else None)
+    make_run(root, "other-base", "lora", 0, {"arc_easy": [True, False], "boolq": [True]}, base="other-model")
+    for method, task, outcomes in (("lora", "piqa", [1, 0, 0, 1]), ("lora", "boolq", [1, 1, 0]),
+                                   ("mixlora", "piqa", [1, 1, 0, 1]), ("mixlora", "boolq", [1, 1, 1])):
+        make_run(root, f"single-{method}-{task}", method, 0, {task: [bool(x) for x in outcomes]}, base="tiny")
     make_run(root, "killed", "mixlora", 5, {"arc_easy": [True]}, status="running")
     make_run(root, "diverged", "dora", 0, {"arc_easy": [True]}, status="failed")
+    (root / "norecord" / "version_0").mkdir(parents=True)
+    (root / "norecord" / "version_0" / runs.CONFIG).write_text("model: {}\n")
     return {"lora": lora, "mix": mix}
 
 
-def test_report_tables_groups_and_incomplete_runs(tmp_path, capsys):
+def _seed_matrix(outcomes: list[dict], keys: list[tuple[str, int]]) -> np.ndarray:
+    return np.array([[o[t][i] for t, i in keys] for o in outcomes], dtype=float)
+
+
+def test_report_tables_groups_statistics_and_incomplete_runs(tmp_path, capsys):
     outcomes = _fabricate(tmp_path / "runs")
     out = tmp_path / "report"
     assert main(["report", "--runs", str(tmp_path / "runs"), str(tmp_path / "nowhere"), "--out", str(out),
-                 "--n-resamples", "2000"]) == 0
+                 "--n-resamples", "4000"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert "fraction" in report["units"]
-    groups = {g["base"]: g for g in report["groups"]}
-    assert set(groups) == {"tiny", "other-model"}  # another base is its own group, never averaged in
-    g = groups["tiny"]
+    assert "fraction" in report["units"] and report["command"].startswith("mixlora-lit report --runs")
+    groups = {(g["base"], g["kind"]): g for g in report["groups"]}
+    # another base is its own group; single-task runs form one Table-1 group; never averaged together
+    assert set(groups) == {("tiny", "multi-task"), ("tiny", "single-task"), ("other-model", "multi-task")}
+    g = groups[("tiny", "multi-task")]
     assert g["tasks"] == TASKS and g["protocol"] == "paper" and set(g["methods"]) == {"lora", "mixlora"}
     for label, key in (("lora", "lora"), ("mixlora", "mix")):
         m = g["methods"][label]
-        per_seed = {t: [np.mean(o[t]) for o in outcomes[key]] for t in TASKS}
+        per_seed = {t: [np.mean([x for x in o[t] if x is not None]) for o in outcomes[key]] for t in TASKS}
         for t in TASKS:
             assert m["per_task"][t]["mean"] == pytest.approx(np.mean(per_seed[t]))
             assert m["per_task"][t]["std"] == pytest.approx(np.std(per_seed[t], ddof=1))
-        avgs = [np.mean([np.mean(o[t]) for t in TASKS]) for o in outcomes[key]]
+        avgs = [np.mean([per_seed[t][i] for t in TASKS]) for i in range(2)]
         assert m["avg"]["mean"] == pytest.approx(np.mean(avgs)) and m["avg"]["std"] == pytest.approx(np.std(avgs, ddof=1))
-        assert m["n_seeds"] == 2
+        assert m["n_seeds"] == 2  # the duplicate of lora seed 0 is not a third seed
     assert g["methods"]["lora"]["trainable_params"] == 5000
     assert g["methods"]["lora"]["trainable_pct_of_base"] == pytest.approx(5.0)
     (comparison,) = g["comparisons"]
     assert (comparison["a"], comparison["b"], comparison["metric"]) == ("mixlora", "lora", "avg")
-    assert comparison["diff"] == pytest.approx(g["methods"]["mixlora"]["avg"]["mean"] - g["methods"]["lora"]["avg"]["mean"])
-    assert comparison["ci_low"] < comparison["diff"] < comparison["ci_high"]
-    assert comparison["n_examples"] == 14 and comparison["n_seeds"] == [2, 2] and 0 < comparison["p_value"] <= 1
-    assert g["published"] is None  # the paper has no cell for this task set
+    # independent computation on the examples every seed of both scored (arc_easy-7 is missing in one)
+    keys = [("arc_easy", i) for i in range(7)] + [("boolq", i) for i in range(6)]
+    a, b = _seed_matrix(outcomes["mix"], keys), _seed_matrix(outcomes["lora"], keys)
+    tasks_of = [0] * 7 + [1] * 6
+    d = a.mean(0) - b.mean(0)
+    diff = np.mean([d[:7].mean(), d[7:].mean()])
+    assert comparison["n_examples"] == 13 and comparison["diff"] == pytest.approx(diff)
+    flips = np.array(list(itertools.product([-1, 1], repeat=13)))
+    stat = lambda x: np.abs((x[:, :7].mean(1) + x[:, 7:].mean(1)) / 2)  # noqa: E731
+    exact_p = np.mean(stat(flips * d) >= stat(d[None]) - 1e-12)
+    assert comparison["p_value"] == pytest.approx(exact_p, abs=0.015)
+    ref_low, ref_high = _loop_bootstrap(a.tolist(), b.tolist(), tasks_of, 2, 3000, np.random.default_rng(1))
+    assert comparison["ci_low"] == pytest.approx(ref_low, abs=0.03)
+    assert comparison["ci_high"] == pytest.approx(ref_high, abs=0.03)
+    single = groups[("tiny", "single-task")]
+    assert single["tasks"] == ["boolq", "piqa"] and single["published"]["source"].startswith("MixLoRA paper, Table 1")
+    assert single["methods"]["lora"]["per_task"]["piqa"]["mean"] == pytest.approx(0.5)
+    assert single["methods"]["mixlora"]["avg"]["mean"] == pytest.approx((1 + 0.75) / 2)
+    assert single["comparisons"][0]["n_examples"] == 7
+    one_seed = groups[("other-model", "multi-task")]["methods"]["lora"]
+    assert one_seed["n_seeds"] == 1 and one_seed["avg"]["std"] is None  # one seed: no spread claimed
+    assert groups[("tiny", "multi-task")]["published"] is None  # no paper cell for this task set
     listed = {Path(r["path"]).parent.name if r["status"] != "missing" else "missing": r["status"]
               for r in report["incomplete_runs"]}
-    assert listed == {"killed": "running", "diverged": "failed", "missing": "missing"}
+    assert listed == {"killed": "running", "diverged": "failed", "missing": "missing", "norecord": "no record",
+                      "lora-s0-old": "duplicate"}
     md = (out / "report.md").read_text()
-    assert "Runs not included" in md and "killed" in md and "| mixlora |" in md
+    assert "Runs not included" in md and "killed" in md and "| mixlora |" in md and "(1 seed)" in md
     assert f"{100 * comparison['diff']:+.1f}" in md
     printed = capsys.readouterr().out
-    assert "mixlora - lora" in printed and "3 run(s) not included" in printed
+    assert "mixlora - lora" in printed and "5 run(s) not included" in printed
 
 
 def test_html_is_self_contained_escaped_and_its_figures_are_pngs(tmp_path):
@@ -262,8 +315,13 @@ def test_report_end_to_end_on_real_runs_and_a_study(tiny_model_dir, prepared_dat
     assert all((out / "figures" / f).is_file() for f in figures)
     md = (out / "report.md").read_text()
     assert "paper: mixlora (LLaMA-2 7B)" in md and "## Study `study`" in md
-    # The report side needs neither torch nor Lightning.
-    code = ("import sys; from mixlora_lit.report.build import build_report; "
-            f"build_report([{str(tmp_path / 'runs')!r}], [], {str(tmp_path / 'again')!r}, n_resamples=200); "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning')]; assert not bad, bad[:3]")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    assert (out / "report.html").is_file() and any(f.startswith("g0_routing_") for f in figures)
+    # The report command needs neither torch nor Lightning, studies included.
+    code = ("import runpy, sys; sys.argv = ['mixlora-lit'] + sys.argv[1:]; "
+            "from mixlora_lit.cli import main; code = main(sys.argv[1:]); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning')]; "
+            "assert not bad, bad[:3]; sys.exit(code)")
+    subprocess.run([sys.executable, "-c", code, "report", "--runs", str(tmp_path / "runs"), "--study",
+                    f"sqlite:///{tmp_path}/study.db:study", "--out", str(tmp_path / "again"), "--n-resamples", "200"],
+                   check=True, cwd=ROOT)
+    assert json.loads((tmp_path / "again" / "report.json").read_text())["studies"][0]["name"] == "study"

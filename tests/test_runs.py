@@ -98,7 +98,14 @@ def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         runs.write_json_atomic(path, {"status": "finished", "n": 2})
     assert json.loads(path.read_text()) == {"status": "running", "n": 1}
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
     assert [p.name for p in tmp_path.iterdir()] == [runs.RUN_RECORD]  # no temporary file left behind
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_sigkill_during_rewrites_never_leaves_a_half_written_record(tmp_path):

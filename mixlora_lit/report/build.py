@@ -9,14 +9,13 @@ from __future__ import annotations
 import base64
 import datetime
 import json
-import shlex
-import sys
+import math
 from pathlib import Path
 from typing import Any
 
 from .. import runs
 from . import plots, stats
-from .collect import Collected, Group, collect_runs, collect_study
+from .collect import SINGLE_TASK, Collected, Group, collect_runs, collect_study
 from .published import published_rows
 
 UNITS = ("accuracy as a fraction of examples (0-1); diff = a - b in the same units (x100 = points); "
@@ -33,15 +32,21 @@ def _group_slug(index: int, group: Group) -> str:
 
 def summarise_group(group: Group, split: str, baseline: str, n_resamples: int, seed: int) -> dict[str, Any]:
     methods: dict[str, Any] = {}
+    notes: list[str] = []
     for label, m in group.methods.items():
-        per_seed = [runs.accuracy_by_task(run.predictions[split]) for run in m.runs]
+        per_seed = [runs.accuracy_by_task(rows) for rows in m.seed_predictions(split)]
+        complete = [s for s in per_seed if all(t in s for t in group.tasks)]
+        avg_values = [sum(s[t] for t in group.tasks) / len(group.tasks) for s in complete]
+        if len(complete) < len(per_seed):
+            notes.append(f"{label}: {len(per_seed) - len(complete)} seed(s) lack some of the group's tasks; "
+                         f"the average uses the {len(complete)} complete seed(s)")
         records = [run.record for run in m.runs]
         trainable = sorted({r.trainable_params for r in records if r.trainable_params is not None})
         total = records[0].total_params
         methods[label] = {
-            "method": m.method, "n_seeds": len(m.runs), "seeds": m.seeds,
-            "per_task": {t: stats.mean_std([s.get(t, float("nan")) for s in per_seed]) for t in group.tasks},
-            "avg": stats.mean_std([s["avg"] for s in per_seed]),
+            "method": m.method, "n_seeds": len(per_seed), "seeds": m.seeds,
+            "per_task": {t: stats.mean_std([s.get(t) for s in per_seed]) for t in group.tasks},
+            "avg": stats.mean_std(avg_values),
             "trainable_params": trainable[0] if len(trainable) == 1 else trainable,
             "total_params": total,
             "trainable_pct_of_base": (100 * trainable[0] / (total - trainable[0])
@@ -51,22 +56,28 @@ def summarise_group(group: Group, split: str, baseline: str, n_resamples: int, s
         }
     comparisons = []
     base_labels = [label for label, m in methods.items() if m["method"] == baseline]
-    pairs: list[tuple[str, str]] = []
-    if len(base_labels) == 1:
-        pairs += [(label, base_labels[0]) for label in methods if label != base_labels[0]]
-    dora = [label for label, m in methods.items() if m["method"] == "dora"]
-    if baseline != "dora" and len(dora) == 1:
-        pairs += [(label, dora[0]) for label, m in methods.items() if m["method"].startswith("mixlora")]
+    if not base_labels:
+        notes.append(f"no {baseline!r} run in this group: no comparisons against the baseline")
+    pairs: list[tuple[str, str]] = [(a, b) for b in base_labels for a in methods if methods[a]["method"] != baseline]
+    for b in (label for label, m in methods.items() if m["method"] == "dora" and baseline != "dora"):
+        pairs += [(a, b) for a, m in methods.items() if m["method"].startswith("mixlora")]
+    seen: set[frozenset] = set()
     for a, b in pairs:
-        paired = stats.align([r.predictions[split] for r in group.methods[a].runs],
-                             [r.predictions[split] for r in group.methods[b].runs])
+        if frozenset((a, b)) in seen:
+            continue
+        seen.add(frozenset((a, b)))
+        paired = stats.align(group.methods[a].seed_predictions(split), group.methods[b].seed_predictions(split))
         if paired.n_examples == 0:
+            notes.append(f"{a} vs {b}: no test example scored by both; not compared")
             continue
         result = stats.compare(paired, n_resamples=n_resamples, seed=seed)
-        comparisons.append({"a": a, "b": b, "metric": "avg", **result})
-    return {"base": group.base, "protocol": group.protocol, "tasks": group.tasks, "split": split,
+        missing = [t for t in group.tasks if t not in paired.tasks]
+        if missing:
+            notes.append(f"{a} vs {b}: no shared examples for {missing}; the difference averages {paired.tasks} only")
+        comparisons.append({"a": a, "b": b, "metric": "avg", "missing_tasks": missing, **result})
+    return {"base": group.base, "protocol": group.protocol, "tasks": group.tasks, "kind": group.kind, "split": split,
             "methods": methods, "comparisons": comparisons, "baseline": base_labels[0] if base_labels else None,
-            "published": published_rows(group.tasks, group.protocol)}
+            "baselines": base_labels, "notes": notes, "published": published_rows(group.tasks, group.protocol, single_task=group.kind == SINGLE_TASK)}
 
 
 def _methods_section(group: Group) -> dict[str, Any]:
@@ -116,15 +127,18 @@ def _figures(index: int, group: Group, summary: dict[str, Any], figures: Path) -
 
 
 def build_report(run_paths: list[str], studies: list[str], out: str | Path, title: str = "MixLoRA comparison",
-                 baseline: str = "lora", split: str = "test", n_resamples: int = 10_000, seed: int = 0) -> dict:
+                 baseline: str = "lora", split: str = "test", n_resamples: int = 10_000, seed: int = 0,
+                 command: str | None = None) -> dict:
     out = Path(out)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
+    for old in figures.glob("*.png"):  # figures of an earlier report into the same folder
+        old.unlink()
     collected: Collected = collect_runs(run_paths, split) if run_paths else Collected([], [])
     report: dict[str, Any] = {"title": title, "created": datetime.datetime.now().isoformat(timespec="seconds"),
                               "units": UNITS, "split": split, "baseline": baseline,
                               "statistics": stats.__doc__.strip(), "n_resamples": n_resamples,
-                              "command": shlex.join(["mixlora-lit", *sys.argv[1:]]) if sys.argv else None,
+                              "command": command,
                               "groups": [], "incomplete_runs": collected.incomplete, "studies": []}
     for index, group in enumerate(collected.groups):
         summary = summarise_group(group, split, baseline, n_resamples, seed)
@@ -144,10 +158,27 @@ def build_report(run_paths: list[str], studies: list[str], out: str | Path, titl
             study["figures"].append({"file": plots.study_importances(study, figures / f"{slug}_importance.png").name,
                                      "caption": "Parameter importances (Optuna's fANOVA)."})
         report["studies"].append(study)
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / "report.json").write_text(json.dumps(_finite(report), indent=1, default=str, allow_nan=False) + "\n")
     (out / "report.md").write_text(render_markdown(report))
     (out / "report.html").write_text(render_html(report, figures))
     return report
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _pm(entry: dict) -> str:
+    if entry["mean"] is None:
+        return "-"
+    return _pct(entry["mean"]) + (f" ± {_pct(entry['std'])}" if entry["std"] is not None else " (1 seed)")
 
 
 # ---------------------------------------------------------------------- documents
@@ -159,14 +190,14 @@ def _table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for label, m in summary["methods"].items():
         cells = [label, str(m["n_seeds"])]
         for t in tasks:
-            cells.append(f"{_pct(m['per_task'][t]['mean'])} ± {_pct(m['per_task'][t]['std'])}")
-        cells.append(f"{_pct(m['avg']['mean'])} ± {_pct(m['avg']['std'])}")
+            cells.append(_pm(m["per_task"][t]))
+        cells.append(_pm(m["avg"]))
         params = m["trainable_params"]
         cells.append(f"{params:,}" if isinstance(params, int) else str(params))
         cells.append(f"{m['trainable_pct_of_base']:.2f}" if m["trainable_pct_of_base"] is not None else "-")
         c = by_label.get((label, summary["baseline"]))
         cells.append(f"{100 * c['diff']:+.1f} [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}] p={c['p_value']:.3g}"
-                     if c else ("baseline" if label == summary["baseline"] else "-"))
+                     if c else ("baseline" if label in summary["baselines"] else "-"))
         rows.append(cells)
     published = summary.get("published")
     if published:
@@ -192,6 +223,14 @@ def _comparison_rows(summary: dict[str, Any]) -> list[list[str]]:
 COMPARISON_HEADER = ["a - b", "diff (points)", "95% CI", "p (permutation)", "examples", "seeds a / b", "per task"]
 
 
+def _our_scale(g: dict[str, Any]) -> str:
+    ms = g["methods_section"]
+    totals = sorted({m["total_params"] for m in g["methods"].values() if m["total_params"]})
+    steps = sorted({s for m in g["methods"].values() for s in m["global_step"]})
+    return (f"{g['base']} ({', '.join(f'{t / 1e6:.0f} M' for t in totals) or '?'} parameters with adapters), "
+            f"data caps {json.dumps(ms['caps'])}, {', '.join(map(str, steps))} steps")
+
+
 def _md(text: Any) -> str:
     """A string from configs or data, safe inside a Markdown table cell (no raw HTML, no cell breaks)."""
     return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
@@ -210,14 +249,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     out = [f"# {report['title']}", "", f"Generated {report['created']} by `{report['command']}`. Units: {report['units']}.",
            ""]
     for i, g in enumerate(report["groups"]):
-        out += [f"## {g['base']} · protocol `{g['protocol']}` · {', '.join(g['tasks'])}", "",
+        out += [f"## {_md(g['base'])} · protocol {_md(g['protocol'])} · {g['kind']} · {_md(', '.join(g['tasks']))}", "",
                 f"{g['split']} accuracy (%), mean ± std over seeds; the last column is the difference of the "
                 f"average to the baseline `{g['baseline']}` with its paired bootstrap 95% CI and permutation p-value.",
                 "", _md_table(*_table_rows(g)), ""]
         if g.get("published"):
-            out += [f"Paper rows: {g['published']['source']}, {g['published']['scale']}; ours: "
-                    f"{g['base']}, caps and steps in the methods section. Not the same scale: compare directions, "
-                    f"not values.", ""]
+            out += [f"Paper rows: {g['published']['source']}, {g['published']['scale']}. Ours: {_our_scale(g)}. "
+                    f"Not the same scale: compare directions, not values.", ""]
+        out += [f"- note: {_md(n)}" for n in g["notes"]] + ([""] if g["notes"] else [])
         if g["comparisons"]:
             out += ["### Paired comparisons", "", _md_table(COMPARISON_HEADER, _comparison_rows(g)), ""]
         for fig in g["figures"]:
@@ -263,13 +302,14 @@ code{background:#f4f4f4;padding:1px 3px}
 <h1>{{ report.title }}</h1>
 <p>Generated {{ report.created }} by <code>{{ report.command }}</code>. Units: {{ report.units }}.</p>
 {% for g in report.groups %}
-<h2>{{ g.base }} · protocol <code>{{ g.protocol }}</code> · {{ g.tasks | join(", ") }}</h2>
+<h2>{{ g.base }} · protocol <code>{{ g.protocol }}</code> · {{ g.kind }} · {{ g.tasks | join(", ") }}</h2>
 <p>{{ g.split }} accuracy (%), mean ± std over seeds; the last column is the difference of the average to the
 baseline <code>{{ g.baseline }}</code> with its paired bootstrap 95% CI and permutation p-value.</p>
 <table class="main"><tr>{% for h in g.table[0] %}<th>{{ h }}</th>{% endfor %}</tr>
 {% for row in g.table[1] %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
-{% if g.published %}<p>Paper rows: {{ g.published.source }}, {{ g.published.scale }}. Not the same scale as ours:
-compare directions, not values.</p>{% endif %}
+{% if g.published %}<p>Paper rows: {{ g.published.source }}, {{ g.published.scale }}. Ours: {{ g.our_scale }}.
+Not the same scale: compare directions, not values.</p>{% endif %}
+{% if g.notes %}<ul>{% for n in g.notes %}<li>note: {{ n }}</li>{% endfor %}</ul>{% endif %}
 {% if g.comparison_rows %}<h3>Paired comparisons</h3>
 <table><tr>{% for h in comparison_header %}<th>{{ h }}</th>{% endfor %}</tr>
 {% for row in g.comparison_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
@@ -307,6 +347,7 @@ def render_html(report: dict[str, Any], figures: Path) -> str:
                                                                         for f in s["figures"]]:
         data = (figures / item["file"]).read_bytes()
         images[item["file"]] = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-    groups = [dict(g, table=_table_rows(g), comparison_rows=_comparison_rows(g)) for g in report["groups"]]
+    groups = [dict(g, table=_table_rows(g), comparison_rows=_comparison_rows(g), our_scale=_our_scale(g))
+              for g in report["groups"]]
     return env.from_string(_HTML).render(report=dict(report, groups=groups), images=images,
                                          comparison_header=COMPARISON_HEADER)

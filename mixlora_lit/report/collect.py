@@ -1,8 +1,11 @@
 """Run records and Optuna studies -> plain data for the report (no torch, no Lightning).
 
-Runs are grouped by (base, protocol, tasks): runs that differ in any of these are never averaged
-together. Inside a group, runs of one method with one configuration are that method's seeds;
-runs of one method with different configurations are told apart by the settings that differ.
+Runs are grouped by (base, protocol, task set): runs that differ in any of these are never averaged
+together. Single-task runs (the paper's Table 1) of one (base, protocol) form one group whose
+tasks are the union of theirs. Inside a group, runs of one method with one configuration are that
+method's seeds (for single-task groups, a seed's runs over the tasks together); runs of one
+method with different configurations are told apart by the settings that differ. Two runs of the
+same configuration and seed are duplicates: the newest counts, the others are listed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from .. import runs
 # Settings that make two runs of a method different configurations (seeds aside).
 _CONFIG_KEYS = ("r", "lora_alpha", "num_experts", "top_k", "trained_rank", "use_dora", "router_aux_loss_coef",
                 "lora_dropout", "routing_strategy")
+SINGLE_TASK = "single-task"
 
 
 @dataclass
@@ -25,9 +29,20 @@ class MethodRuns:
     method: str
     runs: list[runs.Run] = field(default_factory=list)
 
+    def by_seed(self) -> dict[Any, list[runs.Run]]:
+        out: dict[Any, list[runs.Run]] = {}
+        for run in self.runs:
+            out.setdefault(run.record.seed, []).append(run)
+        return out
+
     @property
-    def seeds(self) -> list[int | None]:
-        return [r.record.seed for r in self.runs]
+    def seeds(self) -> list[Any]:
+        return sorted(self.by_seed(), key=str)
+
+    def seed_predictions(self, split: str) -> list[list[dict]]:
+        """One list of prediction rows per seed (a seed's single-task runs concatenated)."""
+        return [[row for run in group for row in run.predictions[split]]
+                for _, group in sorted(self.by_seed().items(), key=lambda kv: str(kv[0]))]
 
 
 @dataclass
@@ -35,11 +50,12 @@ class Group:
     base: str
     protocol: str
     tasks: list[str]
+    kind: str = "multi-task"  # or SINGLE_TASK: one run per task and seed
     methods: dict[str, MethodRuns] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
-        return f"{self.base} | {self.protocol} | {'+'.join(self.tasks)}"
+        return f"{self.base} | {self.protocol} | {self.kind}: {'+'.join(self.tasks)}"
 
 
 @dataclass
@@ -53,19 +69,36 @@ def _signature(run: runs.Run) -> dict[str, Any]:
     data = run.config.get("data") or {}
     trainer = run.config.get("trainer") or {}
     optimizer = (run.config.get("model") or {}).get("optimizer") or {}
-    sig = {k: adapter.get(k) for k in _CONFIG_KEYS if adapter.get(k) is not None}
-    sig.update({"lr": optimizer.get("lr"), "max_steps": trainer.get("max_steps"),
-                "train_cap": data.get("train_cap"), "global_step": run.record.global_step})
+    sig = {k: adapter.get(k) for k in _CONFIG_KEYS}
+    sig.update({"lr": optimizer.get("lr"), "max_steps": trainer.get("max_steps"), "train_cap": data.get("train_cap")})
     return sig
+
+
+def _group_key(record: runs.RunRecord) -> tuple:
+    if len(record.tasks) == 1:
+        return record.base, record.protocol, SINGLE_TASK
+    return record.base, record.protocol, tuple(sorted(record.tasks))
 
 
 def collect_runs(paths: list[str | Path], split: str = "test") -> Collected:
     incomplete: list[dict[str, Any]] = []
-    usable: list[runs.Run] = []
+    roots = []
     for path in map(Path, paths):
         if not path.exists():
             incomplete.append({"path": str(path), "status": "missing", "reason": "path does not exist"})
-    dirs = runs.find_runs([p for p in map(Path, paths) if p.exists()])
+        else:
+            roots.append(path.resolve())
+    dirs = runs.find_runs(roots)
+    for root in roots:  # run folders without a record: killed before the first write, or older than records
+        candidates = [root] if (root / runs.CONFIG).is_file() or (root / runs.METRICS).is_file() else []
+        candidates += [p.parent for p in root.rglob(runs.CONFIG)]
+        for directory in sorted(set(candidates)):
+            if not (directory / runs.RUN_RECORD).is_file():
+                incomplete.append({"path": str(directory), "status": "no record",
+                                   "reason": f"no {runs.RUN_RECORD} (killed before its first write, or older)"})
+        if not any(d == root or root in d.parents for d in dirs) and not (root / runs.CONFIG).is_file():
+            incomplete.append({"path": str(root), "status": "empty", "reason": "no run directory found below it"})
+    usable: list[runs.Run] = []
     for directory in dirs:
         try:
             run = runs.read_run(directory)
@@ -73,39 +106,67 @@ def collect_runs(paths: list[str | Path], split: str = "test") -> Collected:
             incomplete.append({"path": str(directory), "status": "unreadable", "reason": str(err)})
             continue
         record = run.record
+        rows = run.predictions.get(split)
         if record.status != "finished":
-            incomplete.append({"path": str(directory), "status": record.status, "method": record.method,
-                               "reason": record.error or f"status {record.status} (stage {record.stage})"})
-        elif split not in run.predictions:
-            incomplete.append({"path": str(directory), "status": record.status, "method": record.method,
-                               "reason": f"no predictions/{split}.jsonl (run with --test_after_fit true)"})
+            reason = record.error or f"status {record.status} (stage {record.stage})"
+        elif rows is None:
+            reason = f"no predictions/{split}.jsonl (fit with --test_after_fit true, or mixlora-lit test)"
+        elif not rows:
+            reason = f"predictions/{split}.jsonl is empty"
         else:
             usable.append(run)
+            continue
+        incomplete.append({"path": str(directory), "status": record.status, "method": record.method,
+                           "reason": reason})
     groups: dict[tuple, Group] = {}
+    members: dict[tuple, list[runs.Run]] = {}
     for run in usable:
-        r = run.record
-        key = (r.base, r.protocol, tuple(r.tasks))
-        groups.setdefault(key, Group(base=r.base, protocol=r.protocol, tasks=list(r.tasks)))
+        key = _group_key(run.record)
+        members.setdefault(key, []).append(run)
+        if key not in groups:
+            groups[key] = Group(base=key[0], protocol=key[1], tasks=[],
+                                kind=SINGLE_TASK if key[2] == SINGLE_TASK else "multi-task")
     for key, group in groups.items():
-        members = [run for run in usable if (run.record.base, run.record.protocol, tuple(run.record.tasks)) == key]
+        group.tasks = sorted({t for run in members[key] for t in run.record.tasks}, key=_task_order)
         by_method: dict[str, list[runs.Run]] = {}
-        for run in members:
+        for run in members[key]:
             by_method.setdefault(run.record.method, []).append(run)
         for method, method_runs in sorted(by_method.items()):
             configs: dict[str, list[runs.Run]] = {}
             for run in method_runs:
                 configs.setdefault(json.dumps(_signature(run), sort_keys=True, default=str), []).append(run)
-            if len(configs) == 1:
-                group.methods[method] = MethodRuns(method, method, method_runs)
-                continue
             signatures = [json.loads(s) for s in configs]
-            differing = [k for k in signatures[0] if len({json.dumps(s.get(k)) for s in signatures}) > 1]
+            keys = sorted({k for s in signatures for k in s})
+            differing = [k for k in keys if len({json.dumps(s.get(k)) for s in signatures}) > 1]
             for sig_text, config_runs in configs.items():
                 sig = json.loads(sig_text)
-                label = f"{method} ({', '.join(f'{k}={sig.get(k)}' for k in differing)})"
-                group.methods[label] = MethodRuns(label, method, config_runs)
+                label = method if len(configs) == 1 else \
+                    f"{method} ({', '.join(f'{k}={sig.get(k)}' for k in differing)})"
+                kept = _drop_duplicate_seeds(config_runs, incomplete)
+                if label in group.methods:
+                    raise ValueError(f"two configurations of {method} in group {group.key} share the label {label}")
+                group.methods[label] = MethodRuns(label, method, kept)
     ordered = sorted(groups.values(), key=lambda g: g.key)
     return Collected(groups=ordered, incomplete=incomplete)
+
+
+def _task_order(task: str) -> tuple[int, str]:
+    from .published import EIGHT
+
+    return (EIGHT.index(task), task) if task in EIGHT else (len(EIGHT), task)
+
+
+def _drop_duplicate_seeds(config_runs: list[runs.Run], incomplete: list[dict[str, Any]]) -> list[runs.Run]:
+    """One run per (seed, task set): the newest record wins; the others are listed as duplicates."""
+    newest: dict[tuple, runs.Run] = {}
+    for run in sorted(config_runs, key=lambda r: (r.record.updated_at or "", str(r.path))):
+        key = (str(run.record.seed), tuple(sorted(run.record.tasks)))
+        if key in newest:
+            older = newest[key]
+            incomplete.append({"path": str(older.path), "status": "duplicate", "method": older.record.method,
+                               "reason": f"same configuration, seed and tasks as the newer {run.path}"})
+        newest[key] = run
+    return list(newest.values())
 
 
 def collect_study(spec: str) -> dict[str, Any]:
@@ -119,7 +180,7 @@ def collect_study(spec: str) -> dict[str, Any]:
         raise ValueError(f"--study {spec!r}: expected STORAGE_URL:STUDY_NAME (e.g. sqlite:///runs/sweeps/x.db:mixlora)")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        study = optuna.load_study(study_name=name, storage=storage_url(storage))
+        study = optuna.load_study(study_name=name, storage=storage_url(storage, create=False))
     except KeyError:
         raise ValueError(f"--study {spec!r}: no study named {name!r} in {storage}") from None
     trials = []

@@ -29,8 +29,9 @@ def accuracy_bars(tasks: list[str], methods: dict[str, dict[str, Any]], path: Pa
     width = 0.8 / max(1, len(methods))
     x = np.arange(len(columns))
     for i, (label, m) in enumerate(methods.items()):
-        means = [100 * (m["per_task"][t]["mean"] if t != "avg" else m["avg"]["mean"]) for t in columns]
-        stds = [100 * (m["per_task"][t]["std"] if t != "avg" else m["avg"]["std"]) for t in columns]
+        cells = [m["per_task"][t] if t != "avg" else m["avg"] for t in columns]
+        means = [100 * c["mean"] if c["mean"] is not None else 0.0 for c in cells]
+        stds = [100 * c["std"] if c["std"] is not None else 0.0 for c in cells]  # one seed: no bar
         ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
                label=f"{label} (n={m['n_seeds']})")
     ax.set_xticks(x, columns, rotation=20)

@@ -28,13 +28,15 @@ TABLE1 = {"lora": dict(zip(("arc_easy", "arc_challenge", "boolq", "openbookqa", 
                                "winogrande"), _TABLE1_MIXLORA))}
 
 
-def published_rows(tasks: list[str], protocol: str) -> dict | None:
+def published_rows(tasks: list[str], protocol: str, single_task: bool = False) -> dict | None:
     """{"source", "scale", "methods": {method: {"per_task", "avg"}}} for the cells matching this group."""
-    if sorted(tasks) == sorted(PAPER5):
+    if protocol != "paper":  # the paper's numbers are for its own letter-label protocol only
+        return None
+    if sorted(tasks) == sorted(PAPER5) and not single_task:
         return {"source": "MixLoRA paper, Table 2 (multi-task)", "scale": SCALE, "protocol": "paper",
                 "methods": TABLE2}
-    if len(tasks) == 1 and tasks[0] in TABLE1["lora"]:
-        task = tasks[0]
-        return {"source": "MixLoRA paper, Table 1 (single task)", "scale": SCALE, "protocol": "paper",
-                "methods": {m: {"per_task": {task: v[task]}, "avg": v[task]} for m, v in TABLE1.items()}}
+    if single_task and tasks and all(t in TABLE1["lora"] for t in tasks):
+        return {"source": "MixLoRA paper, Table 1 (one model per task)", "scale": SCALE, "protocol": "paper",
+                "methods": {m: {"per_task": {t: v[t] for t in tasks},
+                                "avg": sum(v[t] for t in tasks) / len(tasks)} for m, v in TABLE1.items()}}
     return None

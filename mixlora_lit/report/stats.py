@@ -11,7 +11,9 @@ scored on, matched by (task, id).
   percentiles of the replicates bound the 95% interval.
 - p-value: a paired sign-flip permutation test on the per-example differences of the
   seed-averaged correctness (under the null the two methods are exchangeable on each example),
-  with the same task-averaged statistic, two-sided, `(1 + extreme) / (1 + resamples)`.
+  with the same task-averaged statistic, two-sided, `(1 + extreme) / (1 + resamples)`. It is
+  conditional on the seeds that ran (their variation is not in it; the CI's is), so with few seeds
+  a p below 0.05 next to a CI that covers 0 says the seeds disagree: trust the CI.
 - Per task with one seed each: McNemar's exact test (a binomial test on the discordant pairs).
 """
 
@@ -129,7 +131,8 @@ def compare(p: Paired, n_resamples: int = 10_000, seed: int = 0) -> dict:
     """diff (a - b, fraction), its CI, the permutation p-value, and per task the difference and McNemar's p."""
     low, high = bootstrap_ci(p, n_resamples, seed=seed)
     out = {"diff": difference(p), "ci_low": low, "ci_high": high, "p_value": permutation_p_value(p, n_resamples, seed),
-           "n_examples": p.n_examples, "n_seeds": [int(p.a.shape[0]), int(p.b.shape[0])], "per_task": {}}
+           "n_examples": p.n_examples, "n_seeds": [int(p.a.shape[0]), int(p.b.shape[0])], "tasks": list(p.tasks),
+           "per_task": {}}
     for t, task in enumerate(p.tasks):
         sel = p.task_index == t
         entry = {"diff": float(p.a[:, sel].mean() - p.b[:, sel].mean()), "n_examples": int(sel.sum())}
@@ -139,7 +142,9 @@ def compare(p: Paired, n_resamples: int = 10_000, seed: int = 0) -> dict:
     return out
 
 
-def mean_std(values: list[float]) -> dict:
-    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
-    arr = np.asarray(values, dtype=np.float64)
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "n": int(arr.size)}
+def mean_std(values: list[float | None]) -> dict:
+    """Mean and sample standard deviation (ddof=1) of the values present; std None for fewer than two."""
+    arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else None, "n": int(arr.size)}
