@@ -52,7 +52,7 @@ def summarise_group(group: Group, split: str, baseline: str, n_resamples: int, s
             "trainable_pct_of_base": (100 * trainable[0] / (total - trainable[0])
                                       if len(trainable) == 1 and total else None),
             "global_step": sorted({r.global_step for r in records}),
-            "runs": [str(run.path) for run in m.runs],
+            "runs": [_display(run.path) for run in m.runs],
         }
     comparisons = []
     base_labels = [label for label, m in methods.items() if m["method"] == baseline]
@@ -92,7 +92,7 @@ def _methods_section(group: Group) -> dict[str, Any]:
     return {"base": group.base, "tasks": group.tasks, "protocol": group.protocol,
             "caps": [json.loads(c) for c in caps], "hardware": [json.loads(h) for h in hardware],
             "versions": [json.loads(v) for v in versions],
-            "runs": [{"path": str(run.path), "run_name": run.record.run_name, "method": run.record.method,
+            "runs": [{"path": _display(run.path), "run_name": run.record.run_name, "method": run.record.method,
                       "seed": run.record.seed,
                       "global_step": run.record.global_step, "wall_time_s": run.record.wall_time_s,
                       "tokens_per_s": run.record.tokens_per_s, "git_commit": run.record.git_commit,
@@ -164,6 +164,14 @@ def build_report(run_paths: list[str], studies: list[str], out: str | Path, titl
     return report
 
 
+def _display(path: Path) -> str:
+    """A run path as the reader typed it: relative to the working directory when it lies below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _finite(value: Any) -> Any:
     """NaN and infinities become None (JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -225,9 +233,9 @@ COMPARISON_HEADER = ["a - b", "diff (points)", "95% CI", "p (permutation)", "exa
 
 def _our_scale(g: dict[str, Any]) -> str:
     ms = g["methods_section"]
-    totals = sorted({m["total_params"] for m in g["methods"].values() if m["total_params"]})
+    totals = sorted({round(m["total_params"] / 1e6) for m in g["methods"].values() if m["total_params"]})
     steps = sorted({s for m in g["methods"].values() for s in m["global_step"]})
-    return (f"{g['base']} ({', '.join(f'{t / 1e6:.0f} M' for t in totals) or '?'} parameters with adapters), "
+    return (f"{g['base']} ({', '.join(f'{t} M' for t in totals) or '?'} parameters with adapters), "
             f"data caps {json.dumps(ms['caps'])}, {', '.join(map(str, steps))} steps")
 
 
