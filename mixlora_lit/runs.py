@@ -150,6 +150,8 @@ class RunRecord:
     tokens_per_s: float | None = None  # median of the training throughput windows
     val: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
+    val_norm: dict[str, float] = field(default_factory=dict)  # cloze: acc_norm (per character), same layout
+    test_norm: dict[str, float] = field(default_factory=dict)
     status: str = "running"
     error: str | None = None
     stage: str | None = None  # the stage in progress or last ended: fit, validate, test, predict
@@ -192,12 +194,14 @@ def record_metric(record: RunRecord, metric: str) -> float | None:
     `val/routing/<stat>` (and the same for `test/`), or a record field such as `tokens_per_s`."""
     split, _, rest = metric.partition("/")
     if split in SPLITS and rest:
-        if rest == "avg_acc":
-            return getattr(record, split).get("avg")
+        if rest in ("avg_acc", "avg_acc_norm"):
+            return getattr(record, split if rest == "avg_acc" else f"{split}_norm").get("avg")
         if rest.startswith("routing/"):
             return record.routing.get(split, {}).get(rest.split("/", 1)[1])
         task, _, name = rest.partition("/")
-        return getattr(record, split).get(task) if name == "acc" else None
+        if name in ("acc", "acc_norm"):
+            return getattr(record, split if name == "acc" else f"{split}_norm").get(task)
+        return None
     value = getattr(record, metric, None) if metric in {f.name for f in dataclasses.fields(RunRecord)} else None
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 

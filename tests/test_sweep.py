@@ -292,3 +292,12 @@ def test_shipped_sweeps_pass_every_check(name, monkeypatch):
     budget = ("trainer.max_steps", "trainer.val_check_interval", "data.train_cap", "data.dev_cap")
     assert {k: spec.fixed[k] for k in budget} == {k: reference.fixed[k] for k in budget}
     assert json.dumps(spec.pruner) == json.dumps(reference.pruner)
+
+
+def test_cloze_sweeps_may_select_on_acc_norm_and_paper_sweeps_may_not(fit_config, tmp_path):
+    """The protocol is a sweep setting like any other: per-character accuracy exists only for cloze runs."""
+    cloze = write_sweep(tmp_path, fit_config, name="c", fixed={"data.protocol": "cloze"},
+                        objective={"metric": "val/avg_acc_norm"})
+    check_spec(load_spec(cloze))
+    paper = write_sweep(tmp_path, fit_config, name="p", objective={"metric": "val/boolq/acc_norm"})
+    assert main(["sweep", "run", "--config", str(paper)]) == 2

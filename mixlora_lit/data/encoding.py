@@ -1,5 +1,10 @@
 """Tokenising rendered examples, and collating them into padded batches.
 
+Two protocols. `paper` (and `paper_passage`), below: labels and next-token logits. `cloze`
+(`encode_cloze`, `collate_cloze`): the answer texts, tokenised as lm-eval does (context and
+context + continuation encoded, the continuation is what the second adds), scored by the summed
+log-probability of each continuation's tokens; training appends the correct continuation and EOS.
+
 Training example: prompt + " " + gold label + EOS, with only the answer tokens (label and EOS)
 supervised; a prompt too long for `cutoff_len` loses tokens from its start (after BOS), so the
 answer is never cut. Evaluation example: the prompt alone, plus the token id of every choice's
@@ -15,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .tasks import get_task
+from .tasks import ClozeTemplate, get_task
 
 IGNORE_INDEX = -100
 
@@ -44,12 +49,16 @@ class Encoded:
     choice_ids: list[int]  # label token id of every choice
     truncated: bool
     record_id: str = ""  # the prepared record's `id` (unique within its task)
+    options: list[tuple[list[int], list[int]]] | None = None  # cloze: (context ids, continuation ids) per choice
+    option_chars: list[int] | None = None  # cloze: characters per choice (acc_norm)
 
 
 def encode_records(records: list[dict[str, Any]], tokenizer, protocol: str, task_index: dict[str, int],
                    cutoff_len: int, train: bool, desc: str = "tokenising") -> list[Encoded]:
     if not records:
         return []
+    if protocol == "cloze":
+        return encode_cloze(records, tokenizer, task_index, cutoff_len, train)
     prefix = _bos_prefix(tokenizer)
     eos = [tokenizer.eos_token_id] if train and tokenizer.eos_token_id is not None else []
     rendered = [get_task(r["task"]).render(r, protocol) for r in records]
@@ -84,6 +93,94 @@ def encode_records(records: list[dict[str, Any]], tokenizer, protocol: str, task
                                    [label_cache[lab] for lab in labels], truncated, str(record.get("id", ""))))
             bar.update(len(ids_batch))
     return out
+
+
+def encode_pair(tokenizer, prefix: list[int], context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split of (context, continuation) into tokens: trailing spaces of the context move to
+    the continuation; the continuation's tokens are what encoding context + continuation adds."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        continuation, context = context[-spaces:] + continuation, context[:-spaces]
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    head = tokenizer.encode(context, add_special_tokens=False)
+    return prefix + head, whole[len(head):]
+
+
+def _truncate(prefix: list[int], context: list[int], room: int) -> tuple[list[int], bool]:
+    """Drop context tokens from the start (after the BOS prefix) to fit `room` tokens."""
+    if len(context) <= room:
+        return context, False
+    return prefix + context[len(prefix):][-(room - len(prefix)):], True
+
+
+def encode_cloze(records: list[dict[str, Any]], tokenizer, task_index: dict[str, int], cutoff_len: int,
+                 train: bool) -> list[Encoded]:
+    """Cloze examples. Training: the gold choice's context + continuation + EOS, the continuation and
+    EOS supervised. Evaluation: every choice's (context, continuation) tokens and its length in characters."""
+    prefix = _bos_prefix(tokenizer)
+    eos = [tokenizer.eos_token_id] if train and tokenizer.eos_token_id is not None else []
+    out = []
+    for record in tqdm(records, desc="tokenising (cloze)", unit="ex", leave=False):
+        template = get_task(record["task"]).template("cloze")
+        assert isinstance(template, ClozeTemplate)
+        pairs = [encode_pair(tokenizer, prefix, c, t) for c, t in template.options(record)]
+        if any(not cont for _, cont in pairs):
+            raise ValueError(f"task {record['task']!r} record {record['id']!r}: a choice has no answer tokens")
+        truncated = False
+        options = []
+        for context, continuation in pairs:
+            room = cutoff_len - len(continuation) - len(eos)
+            if room < len(prefix) + 1:
+                raise ValueError(f"cutoff_len={cutoff_len} leaves no room for the prompt of task {record['task']!r} "
+                                 f"(its answer needs {len(continuation) + len(eos)} tokens)")
+            context, cut = _truncate(prefix, context, room)
+            truncated |= cut
+            options.append((context, continuation))
+        gold_context, gold = options[record["label"]]
+        ids = gold_context + gold + eos if train else gold_context + gold
+        out.append(Encoded(ids, len(gold_context), task_index[record["task"]], record["label"], [], truncated,
+                           str(record.get("id", "")), options=None if train else options,
+                           option_chars=None if train else template.choice_lengths(record)))
+    return out
+
+
+def collate_cloze(examples: list[Encoded], pad_id: int) -> dict[str, Any]:
+    """One row per (example, choice): context + continuation, right-padded. `score_row`, `score_pos`
+    and `score_tok` list every continuation token (the row, the position whose logits predict it,
+    the token), so only those positions reach the LM head."""
+    rows = [(e, c, context + cont, len(context), len(cont)) for e, ex in enumerate(examples)
+            for c, (context, cont) in enumerate(ex.options)]
+    width = max(len(ids) for _, _, ids, _, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    score_row, score_pos, score_tok = [], [], []
+    for r, (_, _, seq, n_context, n_cont) in enumerate(rows):
+        ids[r, :len(seq)] = torch.tensor(seq)
+        mask[r, :len(seq)] = 1
+        score_row += [r] * n_cont
+        score_pos += list(range(n_context - 1, n_context + n_cont - 1))
+        score_tok += seq[n_context:]
+    return {"input_ids": ids, "attention_mask": mask,
+            "row_example": torch.tensor([e for e, *_ in rows]), "row_choice": torch.tensor([c for _, c, *_ in rows]),
+            "row_chars": torch.tensor([float(examples[e].option_chars[c]) for e, c, *_ in rows]),
+            "score_row": torch.tensor(score_row), "score_pos": torch.tensor(score_pos),
+            "score_tok": torch.tensor(score_tok),
+            "label": torch.tensor([e.label for e in examples]), "task": torch.tensor([e.task for e in examples]),
+            "id": [e.record_id for e in examples]}
+
+
+def cloze_choice_scores(logprobs: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities [P] of a `collate_cloze` batch -> ([B, C] summed log-likelihood of each
+    choice, [B, C] per character), -inf where an example has fewer choices."""
+    rows = batch["input_ids"].shape[0]
+    row_sum = torch.zeros(rows, dtype=torch.float64, device=logprobs.device)
+    row_sum.index_add_(0, batch["score_row"], logprobs.double())
+    shape = (batch["label"].shape[0], int(batch["row_choice"].max()) + 1)
+    total = torch.full(shape, float("-inf"), dtype=torch.float64, device=logprobs.device)
+    total[batch["row_example"], batch["row_choice"]] = row_sum
+    norm = torch.full(shape, float("-inf"), dtype=torch.float64, device=logprobs.device)
+    norm[batch["row_example"], batch["row_choice"]] = row_sum / batch["row_chars"].double()
+    return total, norm
 
 
 def collate_train(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

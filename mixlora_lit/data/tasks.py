@@ -6,9 +6,12 @@ A prepared example is a normalised record (one JSON line):
      "context": str | null,            # BoolQ passage, SocialIQA context, HellaSwag activity label
      "choice_labels": [str, ...] | null}  # the source's own option labels, when it has them
 
-A task renders a record with a `PromptTemplate` per protocol. The `paper` protocol reproduces
-the MixLoRA reference templates and answer labels; `paper_passage` is the same with the BoolQ
-passage included (the reference omits it). Adding a task is one `Task(...)` here, or one YAML
+A task renders a record with a template per protocol. The `paper` protocol reproduces the MixLoRA
+reference templates and answer labels (letters; the next-token logits over the label tokens score
+them); `paper_passage` is the same with the BoolQ passage included (the reference omits it).
+`cloze` is lm-eval's multiple-choice format (OLMES calls it RC): the question as the shipped
+lm-eval task YAMLs render it, each choice's answer text as the continuation, scored by its
+log-likelihood; training targets the correct answer's text. Adding a task is one `Task(...)` here, or one YAML
 file with the same fields (see `load_task_file` and the README).
 """
 
@@ -52,10 +55,41 @@ class PromptTemplate:
 
 
 @dataclass(frozen=True)
+class ClozeTemplate:
+    """Answer-text rendering, as lm-eval's multiple-choice tasks do it: a context (`template` with
+    {question} and {context}) and, per choice, the continuation `delimiter + text`. `choice_texts`
+    fixes the texts in label order (BoolQ: yes, no). `partial` (WinoGrande): each choice fills the
+    blank `_` of the question to make its own context, and the rest of the sentence is the
+    continuation of every choice."""
+
+    template: str = ""
+    choice_texts: tuple[str, ...] | None = None
+    partial: bool = False
+    delimiter: str = " "
+
+    def options(self, record: dict[str, Any]) -> list[tuple[str, str]]:
+        """(context, continuation) per choice, in label order."""
+        if self.partial:
+            question = record["question"]
+            cut = question.index("_")
+            target = self.delimiter + question[cut + 1:].strip()
+            return [(question[:cut] + choice, target) for choice in record["choices"]]
+        context = self.template.format(question=record["question"], context=record.get("context") or "")
+        texts = self.choice_texts or record["choices"]
+        return [(context, self.delimiter + text) for text in texts]
+
+    def choice_lengths(self, record: dict[str, Any]) -> list[int]:
+        """Characters per choice for `acc_norm`, as lm-eval counts them (its choice strings)."""
+        if self.partial:
+            return [len(context) for context, _ in self.options(record)]
+        return [len(text) for text in (self.choice_texts or record["choices"])]
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     num_choices: int | tuple[int, int]  # fixed, or (min, max) when it varies (ARC)
-    templates: dict[str, PromptTemplate]
+    templates: dict[str, PromptTemplate | ClozeTemplate]
     # The split the paper evaluates on, as named by the source (prepared as our `test`).
     eval_split: str = "validation"
     aliases: tuple[str, ...] = ()
@@ -73,7 +107,10 @@ class Task:
         raise ValueError(f"task {self.name!r} has no protocol {protocol!r}: expected one of {self.protocols}")
 
     def render(self, record: dict[str, Any], protocol: str = "paper") -> tuple[str, list[str]]:
-        return self.template(protocol).render(record)
+        template = self.template(protocol)
+        if isinstance(template, ClozeTemplate):
+            raise ValueError(f"protocol {protocol!r} has no label rendering: use template(protocol).options()")
+        return template.render(record)
 
     def check_choices(self, n: int) -> bool:
         lo, hi = (self.num_choices, self.num_choices) if isinstance(self.num_choices, int) else self.num_choices
@@ -97,19 +134,33 @@ _HELLASWAG = PromptTemplate("Please choose the correct ending to complete the gi
 _WINOGRANDE = PromptTemplate("Please choose the correct answer to fill in the blank to complete the given "
                              "sentence.\nSentence: {question}{choices}\nAnswer:", "\n({label}) {text}")
 
+# The cloze renderings of the shipped lm-eval task YAMLs (mixlora_lit/evaluation/lm_eval_tasks/).
+_QA_CLOZE = ClozeTemplate("Question: {question}\nAnswer:")
+_CLOZE = {
+    "arc_easy": _QA_CLOZE, "arc_challenge": _QA_CLOZE, "piqa": _QA_CLOZE,
+    "boolq": ClozeTemplate("{context}\nQuestion: {question}?\nAnswer:", choice_texts=("yes", "no")),
+    "openbookqa": ClozeTemplate("{question}"),
+    "social_iqa": ClozeTemplate("Q: {context} {question}\nA:"),
+    "hellaswag": ClozeTemplate("{context}: {question}"),
+    "winogrande": ClozeTemplate(partial=True),
+}
+
 BUILTIN_TASKS: tuple[Task, ...] = (
-    Task("arc_easy", (3, 5), {"paper": _MC_QUESTION}, eval_split="test", aliases=("arc-e", "arce"),
-         description="ARC-Easy grade-school science questions"),
-    Task("arc_challenge", (3, 5), {"paper": _MC_QUESTION}, eval_split="test", aliases=("arc-c", "arcc"),
-         description="ARC-Challenge grade-school science questions"),
-    Task("boolq", 2, {"paper": _BOOLQ, "paper_passage": _BOOLQ_PASSAGE}, aliases=(),
+    Task("arc_easy", (3, 5), {"paper": _MC_QUESTION, "cloze": _CLOZE["arc_easy"]}, eval_split="test",
+         aliases=("arc-e", "arce"), description="ARC-Easy grade-school science questions"),
+    Task("arc_challenge", (3, 5), {"paper": _MC_QUESTION, "cloze": _CLOZE["arc_challenge"]}, eval_split="test",
+         aliases=("arc-c", "arcc"), description="ARC-Challenge grade-school science questions"),
+    Task("boolq", 2, {"paper": _BOOLQ, "paper_passage": _BOOLQ_PASSAGE, "cloze": _CLOZE["boolq"]}, aliases=(),
          description="BoolQ yes/no questions (the paper's prompt omits the passage)"),
-    Task("openbookqa", 4, {"paper": _MC_QUESTION}, eval_split="test", aliases=("obqa",),
-         description="OpenBookQA elementary science"),
-    Task("piqa", 2, {"paper": _PIQA}, description="PIQA physical commonsense"),
-    Task("social_iqa", 3, {"paper": _SIQA}, aliases=("siqa", "socialiqa"), description="SocialIQA social commonsense"),
-    Task("hellaswag", 4, {"paper": _HELLASWAG}, description="HellaSwag sentence completion"),
-    Task("winogrande", 2, {"paper": _WINOGRANDE}, description="WinoGrande (XL) pronoun resolution"),
+    Task("openbookqa", 4, {"paper": _MC_QUESTION, "cloze": _CLOZE["openbookqa"]}, eval_split="test",
+         aliases=("obqa",), description="OpenBookQA elementary science"),
+    Task("piqa", 2, {"paper": _PIQA, "cloze": _CLOZE["piqa"]}, description="PIQA physical commonsense"),
+    Task("social_iqa", 3, {"paper": _SIQA, "cloze": _CLOZE["social_iqa"]}, aliases=("siqa", "socialiqa"),
+         description="SocialIQA social commonsense"),
+    Task("hellaswag", 4, {"paper": _HELLASWAG, "cloze": _CLOZE["hellaswag"]},
+         description="HellaSwag sentence completion"),
+    Task("winogrande", 2, {"paper": _WINOGRANDE, "cloze": _CLOZE["winogrande"]},
+         description="WinoGrande (XL) pronoun resolution"),
 )
 
 PAPER_MULTITASK = ("arc_easy", "arc_challenge", "boolq", "openbookqa", "piqa")

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from ..base_models import load_tokenizer
-from ..data.encoding import Encoded, collate_eval, collate_train, encode_records
+from ..data.encoding import Encoded, collate_cloze, collate_eval, collate_train, encode_records
 from ..data.prepare import default_data_dir, prepare, read_split
 from ..data.sampling import MIXING, MixtureBatchSampler
 from ..data.tasks import PAPER_MULTITASK, get_task, resolve_tasks
@@ -37,7 +37,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     Args:
         tasks: task names or aliases (default: the paper's 5-task mix ARC-e, ARC-c, BoolQ, OBQA, PIQA).
-        protocol: prompt rendering, `paper` (the reference templates) or `paper_passage` (BoolQ with passage).
+        protocol: `paper` (the reference templates, label tokens scored), `paper_passage` (the same, BoolQ
+            with its passage) or `cloze` (answer texts, scored by log-likelihood: lm-eval's format).
         tokenizer: base-model alias, local directory or hub id whose tokenizer to use.
         data_dir: prepared data (default `$MIXLORA_LIT_DATA` or the cache).
         prepare_source: if set (`olmo`, `hub` or a directory), `prepare_data` prepares missing tasks from it;
@@ -144,8 +145,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
         # Under DDP each rank evaluates its own share; the metrics are summed across ranks.
         world, rank = self._ranks()
         data = sorted(self.splits[split], key=lambda e: len(e.input_ids))[rank::world]
+        collate = collate_cloze if self.protocol == "cloze" else collate_eval
         return DataLoader(data, batch_size=self.hparams.eval_batch_size, shuffle=False,
-                          collate_fn=partial(collate_eval, pad_id=self.pad_id), num_workers=self.hparams.num_workers)
+                          collate_fn=partial(collate, pad_id=self.pad_id), num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("dev")

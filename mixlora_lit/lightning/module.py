@@ -27,7 +27,7 @@ from .. import runs
 from ..base_models import check_source, load_base_model
 from ..baselines import get_lora_model, matched_lora_rank
 from ..config import MixLoraConfig
-from ..data.encoding import predict_label_tokens
+from ..data.encoding import cloze_choice_scores, predict_label_tokens
 from ..model import MixLoraModel, get_mixlora_model
 from .records import run_dir
 
@@ -233,11 +233,14 @@ class MixLoraLitModule(pl.LightningModule):
             return
         self.task_names = names
         self.acc = nn.ModuleDict({stage: nn.ModuleDict({t: MeanMetric() for t in names}) for stage in ("val", "test")})
+        self.acc_norm = nn.ModuleDict({stage: nn.ModuleDict({t: MeanMetric() for t in names})
+                                       for stage in ("val", "test")})  # cloze only
         if isinstance(self.model, MixLoraModel):
             layers = len(self.model.moe_layers())
             self.routing = nn.ModuleDict({s: RoutingCounts(layers, self.mixlora_config.num_experts)
                                           for s in ("val", "test")})
         self.acc.to(self.device)
+        self.acc_norm.to(self.device)
         if hasattr(self, "routing"):
             self.routing.to(self.device)
 
@@ -247,19 +250,30 @@ class MixLoraLitModule(pl.LightningModule):
         with torch.inference_mode(False):
             self._ensure_metrics()
 
-    def predictions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The paper's label-token prediction (choice index) of every example in an evaluation batch."""
-        return predict_label_tokens(self.model, batch)
+    def predictions(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The predicted choice of every example in an evaluation batch: (by label token or by summed
+        log-likelihood, by log-likelihood per character for cloze batches else None)."""
+        if "score_pos" not in batch:
+            return predict_label_tokens(self.model, batch), None
+        hidden = self._hidden(batch)
+        logits = self._head(hidden[batch["score_row"], batch["score_pos"]]).float()  # continuation positions only
+        logprobs = logits.log_softmax(-1).gather(1, batch["score_tok"].unsqueeze(1)).squeeze(1)
+        total, norm = cloze_choice_scores(logprobs, batch)
+        return total.argmax(1), norm.argmax(1)
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
-        preds = self.predictions(batch)
+        preds, preds_norm = self.predictions(batch)
         correct = (preds == batch["label"]).float()
+        correct_norm = (preds_norm == batch["label"]).float() if preds_norm is not None else None
         for t, name in enumerate(self.task_names):
             sel = batch["task"] == t
             if sel.any():
                 self.acc[stage][name].update(correct[sel])
+                if correct_norm is not None:
+                    self.acc_norm[stage][name].update(correct_norm[sel])
         self._pending_predictions[stage].append(
-            (batch["task"].tolist(), list(batch["id"]), batch["label"].tolist(), preds.tolist()))
+            (batch["task"].tolist(), list(batch["id"]), batch["label"].tolist(), preds.tolist(),
+             preds_norm.tolist() if preds_norm is not None else [None] * len(batch["id"])))
         if isinstance(self.model, MixLoraModel):
             self.routing[stage].update(self.model.routing_statistics(batch["attention_mask"]))
 
@@ -270,16 +284,18 @@ class MixLoraLitModule(pl.LightningModule):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        return {"task": batch["task"], "id": batch["id"], "prediction": self.predictions(batch),
+        preds, preds_norm = self.predictions(batch)
+        return {"task": batch["task"], "id": batch["id"], "prediction": preds, "prediction_norm": preds_norm,
                 "label": batch["label"]}
 
     def _gathered_predictions(self, stage: str) -> list[dict[str, Any]]:
         """This pass's per-example predictions from every rank, each example once."""
         protocol = getattr(self.trainer.datamodule, "protocol", None)
         rows = [{"task": self.task_names[t], "id": i, "label": y, "prediction": p, "correct": p == y,
-                 "protocol": protocol, "step": self.trained_steps}
-                for tasks, ids, labels, preds in self._pending_predictions[stage]
-                for t, i, y, p in zip(tasks, ids, labels, preds)]
+                 "protocol": protocol, "step": self.trained_steps,
+                 **({"prediction_norm": q, "correct_norm": q == y} if q is not None else {})}
+                for tasks, ids, labels, preds, preds_norm in self._pending_predictions[stage]
+                for t, i, y, p, q in zip(tasks, ids, labels, preds, preds_norm)]
         self._pending_predictions[stage] = []
         if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             parts: list[Any] = [None] * self.trainer.world_size
@@ -289,7 +305,8 @@ class MixLoraLitModule(pl.LightningModule):
         return list(unique.values())
 
     def _eval_epoch_end(self, stage: str) -> None:
-        metrics = list(self.acc[stage].values()) + ([self.routing[stage]] if hasattr(self, "routing") else [])
+        metrics = (list(self.acc[stage].values()) + list(self.acc_norm[stage].values())
+                   + ([self.routing[stage]] if hasattr(self, "routing") else []))
         if self.trainer.sanity_checking:  # a partial pass: nothing to report
             for metric in metrics:
                 metric.reset()
@@ -305,7 +322,18 @@ class MixLoraLitModule(pl.LightningModule):
             metric.reset()
         if scores:
             self.log(f"{stage}/avg_acc", runs.scores_with_average(scores)["avg"], prog_bar=stage == "val")
+        scores_norm = {}
+        for name in self.task_names:
+            metric = self.acc_norm[stage][name]
+            if metric.update_count:
+                scores_norm[name] = metric.compute().item()
+                self.log(f"{stage}/{name}/acc_norm", scores_norm[name], sync_dist=False)
+                metric.reset()
+        if scores_norm:
+            self.log(f"{stage}/avg_acc_norm", runs.scores_with_average(scores_norm)["avg"])
         entry: dict[str, Any] = {"stage": stage, "step": self.trained_steps, "acc": scores}
+        if scores_norm:
+            entry["acc_norm"] = scores_norm
         health = None
         if hasattr(self, "routing"):
             counts = self.routing[stage].compute().long().tolist()
@@ -317,7 +345,8 @@ class MixLoraLitModule(pl.LightningModule):
         if scores:
             entry["avg_acc"] = runs.scores_with_average(scores)["avg"]
         self.eval_history.append(entry)
-        self.last_eval[stage] = {"acc": scores, "routing": health, "predictions": self._gathered_predictions(stage)}
+        self.last_eval[stage] = {"acc": scores, "acc_norm": scores_norm, "routing": health,
+                                 "predictions": self._gathered_predictions(stage)}
 
     def on_validation_epoch_end(self) -> None:
         with torch.inference_mode(False):  # reset() must not leave inference tensors as metric state

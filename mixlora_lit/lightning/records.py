@@ -133,6 +133,10 @@ class RunRecorder(pl.Callback):
         # Exact fractions from the per-example lines (the logged metric is the same in float32).
         exact = runs.accuracy_by_task(result["predictions"]) if result["predictions"] else None
         setattr(record, split, exact or runs.scores_with_average(result["acc"]))
+        if result.get("acc_norm"):  # cloze: the per-character choice too
+            rows = result["predictions"]
+            setattr(record, f"{split}_norm", runs.accuracy_by_task(rows, key="correct_norm") if rows
+                    else runs.scores_with_average(result["acc_norm"]))
         if result.get("routing"):
             record.routing[split] = result["routing"]
         record.write(directory)

@@ -244,6 +244,11 @@ def check_against_config(spec: SweepSpec, resolved: dict[str, Any]) -> None:
             raise _error(spec.path, f"{TOP_K} (up to {top[1]}) can exceed {NUM_EXPERTS} (as low as {experts[0]}; "
                                     f"{searched} searched, {other} from the fit config)")
     known = {"val/avg_acc", *(f"val/{t}/acc" for t in tasks), *RECORD_METRICS}
+    protocols = {spec.fixed.get("data.protocol", (resolved.get("data") or {}).get("protocol", "paper"))}
+    if "data.protocol" in spec.space:
+        protocols = set(spec.space["data.protocol"].get("choices") or protocols)
+    if protocols == {"cloze"}:  # only cloze runs log the per-character accuracy
+        known |= {"val/avg_acc_norm", *(f"val/{t}/acc_norm" for t in tasks)}
     if all(str(m).startswith("mixlora") for m in methods):  # only MixLoRA runs log routing health
         known |= {f"val/routing/{m}" for m in ROUTING_METRICS}
     for objective in spec.objectives:
