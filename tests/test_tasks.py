@@ -111,5 +111,7 @@ def test_task_from_yaml(tmp_path):
 
 
 def test_unknown_protocol_is_named():
-    with pytest.raises(ValueError, match=r"task 'piqa' has no protocol 'cloze': expected one of \['paper'\]"):
+    with pytest.raises(ValueError, match=r"task 'piqa' has no protocol 'chat': expected one of \['cloze', 'paper'\]"):
+        get_task("piqa").render({"question": "q", "choices": ["a", "b"], "label": 0}, "chat")
+    with pytest.raises(ValueError, match=r"protocol 'cloze' has no label rendering"):  # cloze scores answer texts
         get_task("piqa").render({"question": "q", "choices": ["a", "b"], "label": 0}, "cloze")
