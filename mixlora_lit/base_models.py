@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from .files import sha256_file
+from .errors import UserError, MissingFileError
 
 CACHE_ENV = "MIXLORA_LIT_CACHE"
 _MARKER = "complete.json"
@@ -75,7 +76,7 @@ ALIASES: dict[str, ModelAlias] = {
 }
 
 
-class ModelAssetMissing(RuntimeError):
+class ModelAssetMissing(UserError, RuntimeError):
     """An offline model package is not installed or a cached conversion is unusable."""
 
 
@@ -95,15 +96,15 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
              "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
     if dtype not in names:
-        raise ValueError(f"dtype {dtype!r} is invalid: expected one of {sorted(names)}")
+        raise UserError(f"dtype {dtype!r} is invalid: expected one of {sorted(names)}")
     return names[dtype]
 
 
 def prepare_alias(alias: str, force: bool = False) -> Path:
     """Convert the alias's GGUF into a safetensors directory in the cache (once); return the directory."""
     if alias not in ALIASES:
-        raise ValueError(f"unknown model alias {alias!r}: expected one of {sorted(ALIASES)}, a local directory "
-                         f"or a hub id")
+        raise UserError(f"unknown model alias {alias!r}: expected one of {sorted(ALIASES)}, a local directory "
+                        f"or a hub id")
     out = converted_dir(alias)
     if (out / _MARKER).is_file() and not force:
         return out
@@ -145,11 +146,11 @@ def check_source(source: str) -> str:
     if os.path.isdir(source):
         return "dir"
     if source.startswith((".", "/", "~")) or os.path.exists(source):
-        raise FileNotFoundError(f"base model {source!r} is not a model directory; expected an alias "
-                                f"{sorted(ALIASES)}, a local HF directory or a hub id")
+        raise MissingFileError(f"base model {source!r} is not a model directory; expected an alias "
+                               f"{sorted(ALIASES)}, a local HF directory or a hub id")
     if source.count("/") != 1:
-        raise ValueError(f"base model {source!r} is not an alias {sorted(ALIASES)}, a local model directory "
-                         f"or a hub id like 'meta-llama/Llama-2-7b-hf'")
+        raise UserError(f"base model {source!r} is not an alias {sorted(ALIASES)}, a local model directory "
+                        f"or a hub id like 'meta-llama/Llama-2-7b-hf'")
     return "hub"
 
 
@@ -174,6 +175,7 @@ def load_base_model(source: str, dtype: str | torch.dtype | None = None, device:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:
+        _refuse_remote_code(source, err)
         if source in ALIASES:
             raise ModelAssetMissing(
                 f"the cached conversion of {source!r} in {path} is unusable ({type(err).__name__}: {err}); "
@@ -196,7 +198,19 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
         path = str(directory if (directory / _MARKER).is_file() else prepare_alias(source))
     else:
         path = source
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        _refuse_remote_code(source, err)
+        raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _refuse_remote_code(source: str, err: Exception) -> None:
+    """transformers' refusal to run a model's own code, as a user error (one line)."""
+    if "trust_remote_code" in str(err):
+        raise UserError(f"base model {source!r} needs to run its own Python code (trust_remote_code): "
+                        f"mixlora-lit never runs it unless told to (trust_remote_code=True in the Python "
+                        f"API, after reading that code)") from err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from .errors import UserError
 
 
 def _models_prepare(args: argparse.Namespace) -> int:
@@ -59,7 +60,7 @@ def _study_location(args: argparse.Namespace) -> tuple[str, str]:
         spec = load_spec(args.config, storage=args.storage, study_name=args.study_name)
         return spec.storage, spec.study_name
     if not (args.storage and args.study_name):
-        raise ValueError("give --storage URL and --study-name NAME, or --config SWEEP.yaml")
+        raise UserError("give --storage URL and --study-name NAME, or --config SWEEP.yaml")
     return args.storage, args.study_name
 
 
@@ -84,7 +85,7 @@ def _sweep_best(args: argparse.Namespace) -> int:
     if args.out:
         numbers = [t.number for t in study.trials]
         if args.trial is not None and args.trial not in numbers:
-            raise ValueError(f"--trial {args.trial}: study {study.study_name!r} has trials 0-{max(numbers)}")
+            raise UserError(f"--trial {args.trial}: study {study.study_name!r} has trials 0-{max(numbers)}")
         chosen = trials[0] if args.trial is None else study.trials[args.trial]
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,8 +120,15 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are user errors: one line, exit code 2, through `main`."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog.removeprefix('mixlora-lit').strip() or 'usage'}: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mixlora-lit", description=__doc__,
         epilog="Training: mixlora-lit fit|validate|test|predict --config CONFIG.yaml (LightningCLI; --help there).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,24 +210,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. User errors are one line (`mixlora-lit: error: ...`, exit 2); bugs keep their
+    traceback, and `mixlora-lit --debug ...` (or MIXLORA_LIT_DEBUG=1) shows it for every error."""
+    from .errors import debug_requested, run_reporting_user_errors
     from .runtime import die_with_parent, tune_cpu_allocator
 
     die_with_parent()  # a sweep trial's fit ends with its worker
     tune_cpu_allocator()  # before the first large tensors; MIXLORA_LIT_MALLOC_TUNING=0 turns it off
     from_command_line = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
+    debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
     if argv and argv[0] in ("fit", "validate", "test", "predict"):
-        from .lightning.cli import run
+        def lightning_command() -> int:
+            from .lightning.cli import run
 
-        run(None if from_command_line else argv)
-        return 0
-    args = build_parser().parse_args(argv)
-    args.argv = argv[1:] if argv and argv[0] == "report" else None
-    try:
+            if from_command_line:  # LightningCLI reads sys.argv itself (and warns when given both)
+                sys.argv[1:] = argv
+            run(None if from_command_line else argv)
+            return 0
+
+        return run_reporting_user_errors(lightning_command, debug)
+
+    def command() -> int:
+        args = build_parser().parse_args(argv)
+        args.argv = argv[1:] if argv and argv[0] == "report" else None
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"mixlora-lit: error: {err}", file=sys.stderr)
-        return 2
+
+    return run_reporting_user_errors(command, debug)
 
 
 if __name__ == "__main__":

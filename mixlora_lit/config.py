@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
+from .errors import UserError, MissingFileError
 
 ROUTING_STRATEGIES = ("mixlora", "mixlora-switch")
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -94,8 +95,8 @@ class MixLoraConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def bad(name: str, value: Any, allowed: str) -> ValueError:
-            return ValueError(f"MixLoraConfig.{name}={value!r} is invalid: expected {allowed}")
+        def bad(name: str, value: Any, allowed: str) -> UserError:
+            return UserError(f"MixLoraConfig.{name}={value!r} is invalid: expected {allowed}")
 
         _check_int(self.r, "r", 1, bad)
         if not self.lora_alpha > 0:
@@ -167,7 +168,7 @@ class MixLoraConfig:
         ignored = {"router_loss", "lora_init", "auto_mapping", "revision", "inference_mode"}
         unknown = sorted(set(data) - known - ignored)
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"{source}: unknown MixLoRA config key(s) {unknown}; known keys: {sorted(known)}"
             )
         target_modules = data.get("target_modules")
@@ -187,12 +188,12 @@ class MixLoraConfig:
     def from_pretrained(cls, directory: str | os.PathLike) -> "MixLoraConfig":
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in adapter directory {directory}")
+            raise MissingFileError(f"no {CONFIG_NAME} in adapter directory {directory}")
         with open(path, encoding="utf8") as fh:
             try:
                 data = json.load(fh)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path} is not valid JSON: {err}") from err
+                raise UserError(f"{path} is not valid JSON: {err}") from err
         return cls.from_dict(data, source=path)
 
 

@@ -21,6 +21,7 @@ from .config import FFN_TARGETS, MixLoraConfig
 from .lora import LoraLinear
 from .losses import load_balance_loss, router_z_loss
 from .moe import MixLoraMoeFFN, set_execution_path, set_recompute_experts
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         layers = getattr(candidate, "layers", None)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return layers
-    raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (expected model.layers)")
+    raise UserError(f"{type(model).__name__}: cannot find its decoder layers (expected model.layers)")
 
 
 def _model_type(model: nn.Module) -> str:
@@ -60,20 +61,20 @@ def _check_structure(model: nn.Module, config: MixLoraConfig, layers: nn.ModuleL
     first = layers[0]
     attn, mlp = getattr(first, "self_attn", None), getattr(first, "mlp", None)
     if attn is None or mlp is None:
-        raise ValueError(f"model type {model_type!r} is not supported: decoder layers need `self_attn` and `mlp`; "
-                         f"supported types: {list(SUPPORTED_MODEL_TYPES)}")
+        raise UserError(f"model type {model_type!r} is not supported: decoder layers need `self_attn` and `mlp`; "
+                        f"supported types: {list(SUPPORTED_MODEL_TYPES)}")
     if isinstance(mlp, MixLoraMoeFFN):
         raise ValueError("this model already has MixLoRA adapters injected")
     present = [n for n in config.attention_targets if isinstance(getattr(attn, n, None), nn.Linear)]
     present += [n for n in FFN_TARGETS if isinstance(getattr(mlp, n, None), nn.Linear)]
     missing = [t for t in config.target_modules if t not in present]
     if missing:
-        raise ValueError(f"MixLoraConfig.target_modules={config.target_modules} is invalid for model type "
-                         f"{model_type!r}: {missing} not found as nn.Linear in its decoder layers; "
-                         f"allowed here: {present}")
+        raise UserError(f"MixLoraConfig.target_modules={config.target_modules} is invalid for model type "
+                        f"{model_type!r}: {missing} not found as nn.Linear in its decoder layers; "
+                        f"allowed here: {present}")
     if not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in FFN_TARGETS):
-        raise ValueError(f"model type {model_type!r} has no gated gate/up/down MLP; "
-                         f"supported types: {list(SUPPORTED_MODEL_TYPES)}")
+        raise UserError(f"model type {model_type!r} has no gated gate/up/down MLP; "
+                        f"supported types: {list(SUPPORTED_MODEL_TYPES)}")
     if model_type not in SUPPORTED_MODEL_TYPES:
         log.warning("model type %r is not in the tested list %s; its MLP has the gated shape, proceeding",
                     model_type, SUPPORTED_MODEL_TYPES)

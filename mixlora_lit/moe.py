@@ -28,6 +28,7 @@ from .config import FFN_TARGETS, MixLoraConfig
 from .kernels import ExpertLayout, ExpertPlan, FusedLoraExperts, RowGather, RowSum, compute_dtype
 from .lora import FastDropout, LoraAdapter
 from .routers import Routing, SwitchRouter, TopKRouter
+from .errors import UserError
 
 EXECUTION_PATHS = ("fused", "reference")
 
@@ -76,7 +77,7 @@ class MixLoraMoeFFN(nn.Module):
         act = getattr(mlp, "act_fn", None)
         if act is None:
             if config.act_fn is None:
-                raise ValueError(f"{type(mlp).__name__} has no act_fn and MixLoraConfig.act_fn is not set")
+                raise UserError(f"{type(mlp).__name__} has no act_fn and MixLoraConfig.act_fn is not set")
             act = ACT2FN[config.act_fn]
         self.act_fn: Callable[[torch.Tensor], torch.Tensor] = act
         r, alpha, dropout = config.expert_hparams()
@@ -335,7 +336,7 @@ def set_recompute_experts(model: nn.Module, enabled: bool = True) -> None:
 def set_execution_path(model: nn.Module, path: str) -> None:
     """Switch every MixLoRA FFN in `model` between the fused and the reference path."""
     if path not in EXECUTION_PATHS:
-        raise ValueError(f"execution path {path!r} is invalid: expected one of {list(EXECUTION_PATHS)}")
+        raise UserError(f"execution path {path!r} is invalid: expected one of {list(EXECUTION_PATHS)}")
     for module in model.modules():
         if isinstance(module, MixLoraMoeFFN):
             module.execution = path

@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
+from .errors import UserError, MissingFileError
 
 RUN_RECORD = "run.json"
 CONFIG = "config.yaml"
@@ -43,7 +44,7 @@ ADAPTER_DIR = "adapter"
 TRAINING_CONFIG = "training_config.yaml"  # inside adapter/: the config that trained it
 LM_EVAL_DIR = "lm_eval"
 
-STATUSES = ("running", "finished", "failed")
+STATUSES = ("running", "finished", "failed", "interrupted")  # interrupted: stopped by SIGTERM, resumable
 SPLITS = ("val", "test")
 # Every line of predictions/<split>.jsonl has at least these keys.
 PREDICTION_KEYS = ("task", "id", "label", "prediction", "correct", "protocol")
@@ -56,7 +57,7 @@ VERSIONED_PACKAGES = ("mixlora-lit", "torch", "lightning", "transformers", "peft
 # ---------------------------------------------------------------------- paths
 def predictions_path(run_dir: str | os.PathLike, split: str) -> Path:
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is invalid: expected one of {list(SPLITS)}")
+        raise UserError(f"split={split!r} is invalid: expected one of {list(SPLITS)}")
     return Path(run_dir) / PREDICTIONS_DIR / f"{split}.jsonl"
 
 
@@ -68,23 +69,39 @@ def last_checkpoint(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR / LAST_CHECKPOINT
 
 
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The checkpoint `--ckpt_path last` resumes under a run root: `last.ckpt` of the highest
+    `version_N` that has one (or of `root` itself when it is a run directory), None if there is none."""
+    root = Path(root)
+    versions = []
+    if root.is_dir():
+        for child in root.iterdir():
+            number = child.name.removeprefix("version_")
+            if child.name.startswith("version_") and number.isdigit() and last_checkpoint(child).is_file():
+                versions.append((int(number), last_checkpoint(child)))
+    if versions:
+        return max(versions)[1]
+    return last_checkpoint(root) if last_checkpoint(root).is_file() else None
+
+
 def lm_eval_path(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / LM_EVAL_DIR / f"step_{step}.json"
 
 
 # ---------------------------------------------------------------------- atomic writes
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`.
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call `write(fh)` on a temporary file beside `path`, fsync it, then rename it over `path`.
 
-    A process killed at any point leaves either the previous file or the new one, never a mix.
+    A process killed at any point leaves either the previous file or the new one, never a mix (the
+    temporary file is in the same directory, so the rename is atomic on a POSIX filesystem).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _file_mode(path))  # mkstemp makes 0600; keep what a plain open() would give
-        with os.fdopen(fd, "w", encoding="utf8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -93,6 +110,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """`write_atomic` of a text file (UTF-8)."""
+    data = text.encode("utf8")
+    return write_atomic(path, lambda fh: fh.write(data))
 
 
 def _file_mode(path: Path) -> int:
@@ -135,7 +158,8 @@ class RunRecord:
 
     `val` and `test` map task -> accuracy plus `avg` (the unweighted mean over tasks) for the last
     pass of that split; `routing` maps split -> routing health (MixLoRA only); `status` is
-    `running` until the stage in progress ends, then `finished`, or `failed` with `error`.
+    `running` until the stage in progress ends, then `finished`, `failed` (with `error`), or `interrupted`
+    (SIGTERM: a checkpoint was written and the run resumes with `--ckpt_path last`).
     """
 
     method: str
@@ -169,7 +193,7 @@ class RunRecord:
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
-            raise ValueError(f"status={self.status!r} is invalid: expected one of {list(STATUSES)}")
+            raise UserError(f"status={self.status!r} is invalid: expected one of {list(STATUSES)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,11 +201,11 @@ class RunRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = RUN_RECORD) -> "RunRecord":
         if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a JSON object, found {type(data).__name__}")
+            raise UserError(f"{source}: expected a JSON object, found {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         missing = [k for k in ("method", "base", "protocol", "tasks") if k not in data]
         if missing:
-            raise ValueError(f"{source}: run record lacks key(s) {missing}")
+            raise UserError(f"{source}: run record lacks key(s) {missing}")
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def write(self, run_dir: str | os.PathLike) -> Path:
@@ -281,7 +305,7 @@ def write_predictions(run_dir: str | os.PathLike, split: str, rows: list[dict[st
     for row in rows[:1]:
         missing = [k for k in PREDICTION_KEYS if k not in row]
         if missing:
-            raise ValueError(f"prediction rows lack key(s) {missing}")
+            raise UserError(f"prediction rows lack key(s) {missing}")
     ordered = sorted(rows, key=lambda r: (str(r["task"]), str(r["id"])))
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in ordered)
     return write_text_atomic(predictions_path(run_dir, split), text)
@@ -297,7 +321,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+                raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from err
     return rows
 
 
@@ -339,6 +363,33 @@ def routing_health(counts: list[list[float]]) -> dict[str, float]:
             "max_load_share": max_share}
 
 
+COLLAPSE_SHARE = 0.9  # an expert that receives this share of a layer's tokens has taken the layer over
+COLLAPSE_PATIENCE = 3  # validation passes in a row before a collapse is warned about
+
+
+def routing_alarms(counts: list[list[float]], top_k: int, collapse_share: float = COLLAPSE_SHARE) -> dict[str, Any]:
+    """Unhealthy routing in one evaluation pass, from tokens per expert per layer (`counts[layer][expert]`,
+    each token counted once for each of its `top_k` experts).
+
+    dead: layer -> experts that received no token; collapsed: layer -> (expert, share of the layer's
+    tokens that went to it) where that share is at least `collapse_share` (with top-k routing a token
+    reaches k experts, so each expert's share of tokens is its count over tokens = total / k).
+    """
+    dead: dict[int, list[int]] = {}
+    collapsed: dict[int, tuple[int, float]] = {}
+    for layer, row in enumerate(counts):
+        tokens = sum(row) / max(top_k, 1)
+        if tokens <= 0:
+            continue
+        empty = [e for e, c in enumerate(row) if c == 0]
+        if empty:
+            dead[layer] = empty
+        top = max(range(len(row)), key=lambda e: row[e])
+        if len(row) > top_k and row[top] / tokens >= collapse_share:
+            collapsed[layer] = (top, row[top] / tokens)
+    return {"dead": dead, "collapsed": collapsed}
+
+
 # ---------------------------------------------------------------------- reading a run
 @dataclass
 class Run:
@@ -365,7 +416,7 @@ def read_record(run_dir: str | os.PathLike) -> RunRecord | None:
     try:
         data = json.loads(path.read_text(encoding="utf8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from err
+        raise UserError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from err
     return RunRecord.from_dict(data, source=str(path))
 
 
@@ -373,14 +424,14 @@ def read_run(run_dir: str | os.PathLike) -> Run:
     """Load a finished or unfinished run directory; files a run has not written yet are empty."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+        raise MissingFileError(f"run directory {run_dir} does not exist")
     history_path = run_dir / EVAL_HISTORY
     history = []
     if history_path.is_file():
         try:
             history = json.loads(history_path.read_text(encoding="utf8"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{history_path}: not valid JSON ({err.msg}, line {err.lineno})") from err
+            raise UserError(f"{history_path}: not valid JSON ({err.msg}, line {err.lineno})") from err
     predictions = {split: read_jsonl(predictions_path(run_dir, split)) for split in SPLITS
                    if predictions_path(run_dir, split).is_file()}
     config: dict[str, Any] = {}
@@ -390,7 +441,7 @@ def read_run(run_dir: str | os.PathLike) -> Run:
         try:
             config = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf8")) or {}
         except yaml.YAMLError as err:
-            raise ValueError(f"{run_dir / CONFIG}: not valid YAML ({err})") from err
+            raise UserError(f"{run_dir / CONFIG}: not valid YAML ({err})") from err
     return Run(path=run_dir, record=read_record(run_dir), config=config, eval_history=history,
                predictions=predictions,
                has_adapter=adapter_dir(run_dir).is_dir(), has_checkpoint=last_checkpoint(run_dir).is_file())
@@ -422,7 +473,7 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     found: set[Path] = set()
     for root in map(Path, paths):
         if not root.exists():
-            raise FileNotFoundError(f"{root} does not exist")
+            raise MissingFileError(f"{root} does not exist")
         if (root / RUN_RECORD).is_file():
             found.add(root)
         found.update(p.parent for p in root.rglob(RUN_RECORD))

@@ -96,3 +96,16 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     model.save_pretrained(out)
     smollm2_tokenizer.save_pretrained(out)
     return out
+
+
+def fit_args(tiny_model_dir, prepared_data, root, *extra, method="mixlora", steps=3):
+    """`mixlora-lit fit` arguments for a few-second run of the tiny model on the real data."""
+    data_dir, _ = prepared_data
+    return ["fit", f"--model.base={tiny_model_dir}", "--model.base_dtype=fp32", f"--model.adapter.method={method}",
+            "--model.adapter.r=4", "--model.adapter.lora_alpha=8", "--model.adapter.num_experts=4",
+            "--model.optimizer.lr=1e-3", f"--data.data_dir={data_dir}", "--data.train_cap=24", "--data.dev_cap=6",
+            "--data.test_cap=6", "--data.batch_size=4", "--data.eval_batch_size=8", f"--trainer.max_steps={steps}",
+            f"--trainer.val_check_interval={steps}", "--trainer.num_sanity_val_steps=0",
+            "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root}", "--seed_everything=7",
+            *extra]

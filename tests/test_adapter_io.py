@@ -9,7 +9,7 @@ import torch
 
 from conftest import batch, randomize_adapters, tiny_llama
 from mixlora_lit import MixLoraConfig, MixLoraModel, get_mixlora_model
-from mixlora_lit.adapter_io import REFERENCE_WEIGHTS_NAME, SAFETENSORS_NAME
+from mixlora_lit.adapter_io import CHECKSUMS_NAME, REFERENCE_WEIGHTS_NAME, SAFETENSORS_NAME
 
 
 def _eval_logits(model):
@@ -35,7 +35,7 @@ def test_save_load_round_trip_reproduces_logits_exactly(tmp_path, cfg):
     model = _trained(cfg)
     expected = _eval_logits(model)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", SAFETENSORS_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", SAFETENSORS_NAME, CHECKSUMS_NAME]
     loaded = MixLoraModel.from_pretrained(tiny_llama(dtype=torch.float32), tmp_path)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert torch.equal(_eval_logits(loaded), expected)

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .tasks import ClozeTemplate, get_task
+from ..errors import UserError
 
 IGNORE_INDEX = -100
 
@@ -84,8 +85,8 @@ def encode_records(records: list[dict[str, Any]], tokenizer, protocol: str, task
                     answer = answer_cache[gold] + eos
                 room = cutoff_len - len(prefix) - len(answer)
                 if room < 1:
-                    raise ValueError(f"cutoff_len={cutoff_len} leaves no room for the prompt of task "
-                                     f"{record['task']!r} (answer needs {len(answer)} tokens)")
+                    raise UserError(f"cutoff_len={cutoff_len} leaves no room for the prompt of task "
+                                    f"{record['task']!r} (answer needs {len(answer)} tokens)")
                 truncated = len(body) > room
                 body = body[-room:] if truncated else body
                 prompt = prefix + body
@@ -125,14 +126,14 @@ def encode_cloze(records: list[dict[str, Any]], tokenizer, task_index: dict[str,
         assert isinstance(template, ClozeTemplate)
         pairs = [encode_pair(tokenizer, prefix, c, t) for c, t in template.options(record)]
         if any(not cont for _, cont in pairs):
-            raise ValueError(f"task {record['task']!r} record {record['id']!r}: a choice has no answer tokens")
+            raise UserError(f"task {record['task']!r} record {record['id']!r}: a choice has no answer tokens")
         truncated = False
         options = []
         for context, continuation in pairs:
             room = cutoff_len - len(continuation) - len(eos)
             if room < len(prefix) + 1:
-                raise ValueError(f"cutoff_len={cutoff_len} leaves no room for the prompt of task {record['task']!r} "
-                                 f"(its answer needs {len(continuation) + len(eos)} tokens)")
+                raise UserError(f"cutoff_len={cutoff_len} leaves no room for the prompt of task {record['task']!r} "
+                                f"(its answer needs {len(continuation) + len(eos)} tokens)")
             context, cut = _truncate(prefix, context, room)
             truncated |= cut
             options.append((context, continuation))

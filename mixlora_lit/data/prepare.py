@@ -144,4 +144,22 @@ def read_split(task: str, split: str, data_dir: str | os.PathLike | None = None)
                         f"`mixlora-lit data prepare --tasks {name} --out {data_dir}`")
     from .sources import validate_record
 
-    return [validate_record(rec, name, f"{path}:{line}") for line, rec in iter_jsonl(path)]
+    records = [validate_record(rec, name, f"{path}:{line}") for line, rec in iter_jsonl(path)]
+    _check_against_manifest(data_dir, name, split, path)  # after parsing: a broken line is named first
+    if not records:
+        raise DataError(f"{path} has no records: re-run `mixlora-lit data prepare --tasks {name} --out {data_dir} "
+                        f"--force`")
+    return records
+
+
+def _check_against_manifest(data_dir: Path, task: str, split: str, path: Path) -> None:
+    """A prepared file whose size differs from the manifest's was changed or cut short after preparing.
+
+    Prepared records are untokenised text with the answer as a label, so one folder serves every
+    tokenizer and protocol; only the content itself can go stale."""
+    entry = read_manifest(data_dir)["tasks"].get(task)
+    info = (entry or {}).get("splits", {}).get(split)
+    if info and path.stat().st_size != info.get("bytes"):
+        raise DataError(f"{path} has {path.stat().st_size} bytes but {data_dir / MANIFEST} recorded {info['bytes']} "
+                        f"when it was prepared: it was changed or truncated since; re-run `mixlora-lit data prepare "
+                        f"--tasks {task} --out {data_dir} --force`")

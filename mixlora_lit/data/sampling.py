@@ -20,16 +20,17 @@ import random
 from typing import Iterator, Sequence
 
 import torch.distributed as dist
+from ..errors import UserError
 
 MIXING = ("concat", "proportional", "temperature")
 
 
 def task_probabilities(sizes: Sequence[int], mixing: str, temperature: float = 2.0) -> list[float]:
     if mixing not in MIXING:
-        raise ValueError(f"mixing {mixing!r} is invalid: expected one of {list(MIXING)}")
+        raise UserError(f"mixing {mixing!r} is invalid: expected one of {list(MIXING)}")
     if mixing == "temperature":
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise UserError(f"temperature must be > 0, got {temperature}")
         weights = [n ** (1.0 / temperature) if n else 0.0 for n in sizes]
     else:
         weights = [float(n) for n in sizes]
@@ -44,7 +45,7 @@ class MixtureBatchSampler:
                  mixing: str = "concat", temperature: float = 2.0, num_samples: int | None = None, seed: int = 42,
                  group_batches: int = 64, num_replicas: int | None = None, rank: int | None = None) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         self.task_indices = [list(ix) for ix in task_indices]
         self.lengths = lengths
         self.batch_size = batch_size

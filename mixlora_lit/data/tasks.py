@@ -22,6 +22,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from ..errors import UserError
 
 LETTERS = tuple(string.ascii_uppercase)
 TASKS_ENV = "MIXLORA_LIT_TASKS"
@@ -104,12 +105,12 @@ class Task:
             return self.templates[protocol]
         if protocol.startswith("paper") and "paper" in self.templates:
             return self.templates["paper"]  # variants fall back to the paper rendering for other tasks
-        raise ValueError(f"task {self.name!r} has no protocol {protocol!r}: expected one of {self.protocols}")
+        raise UserError(f"task {self.name!r} has no protocol {protocol!r}: expected one of {self.protocols}")
 
     def render(self, record: dict[str, Any], protocol: str = "paper") -> tuple[str, list[str]]:
         template = self.template(protocol)
         if isinstance(template, ClozeTemplate):
-            raise ValueError(f"protocol {protocol!r} has no label rendering: use template(protocol).options()")
+            raise UserError(f"protocol {protocol!r} has no label rendering: use template(protocol).options()")
         return template.render(record)
 
     def check_choices(self, n: int) -> bool:
@@ -172,9 +173,9 @@ _ALIASES: dict[str, str] = {}
 
 def register_task(task: Task, replace: bool = False) -> Task:
     if task.name in _REGISTRY and not replace:
-        raise ValueError(f"task {task.name!r} is already registered")
+        raise UserError(f"task {task.name!r} is already registered")
     if "paper" not in task.templates:
-        raise ValueError(f"task {task.name!r} needs a 'paper' template (the default protocol)")
+        raise UserError(f"task {task.name!r} needs a 'paper' template (the default protocol)")
     _REGISTRY[task.name] = task
     for alias in task.aliases:
         _ALIASES[alias] = task.name
@@ -196,24 +197,24 @@ def load_task_file(path: str | os.PathLike) -> Task:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf8"))
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from err
+        raise UserError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping with keys name, num_choices, templates")
+        raise UserError(f"{path}: expected a mapping with keys name, num_choices, templates")
     missing = [k for k in ("name", "num_choices", "templates") if k not in data]
     if missing:
-        raise ValueError(f"{path}: missing key(s) {missing}")
+        raise UserError(f"{path}: missing key(s) {missing}")
     unknown = sorted(set(data) - {"name", "num_choices", "templates", "eval_split", "aliases", "description"})
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; allowed: name, num_choices, templates, eval_split, "
-                         f"aliases, description")
+        raise UserError(f"{path}: unknown key(s) {unknown}; allowed: name, num_choices, templates, eval_split, "
+                        f"aliases, description")
     templates = {}
     for protocol, spec in data["templates"].items():
         if isinstance(spec, str):
             spec = {"template": spec}
         bad = sorted(set(spec) - {"template", "choice_format", "labels"})
         if bad or "template" not in spec:
-            raise ValueError(f"{path}: templates.{protocol} needs `template` (and optional choice_format, "
-                             f"labels); got keys {sorted(spec)}")
+            raise UserError(f"{path}: templates.{protocol} needs `template` (and optional choice_format, "
+                            f"labels); got keys {sorted(spec)}")
         labels = tuple(spec["labels"]) if spec.get("labels") else None
         templates[protocol] = PromptTemplate(spec["template"], spec.get("choice_format", ""), labels)
     num = data["num_choices"]
@@ -241,8 +242,8 @@ def task_names() -> list[str]:
 def get_task(name: str) -> Task:
     key = _ALIASES.get(name, name)
     if key not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}: known tasks are {task_names()} "
-                         f"(aliases {sorted(_ALIASES)}); add one with a YAML file in ${TASKS_ENV}")
+        raise UserError(f"unknown task {name!r}: known tasks are {task_names()} "
+                        f"(aliases {sorted(_ALIASES)}); add one with a YAML file in ${TASKS_ENV}")
     return _REGISTRY[key]
 
 

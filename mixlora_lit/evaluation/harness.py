@@ -21,6 +21,7 @@ import torch
 from ..data.encoding import collate_eval, encode_records, predict_label_tokens
 from ..data.prepare import default_data_dir, read_split
 from ..data.tasks import PAPER_ALL, get_task
+from ..errors import UserError
 
 LOCAL_TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
 LM_EVAL_TASKS = PAPER_ALL  # the same names as lm-eval's built-in tasks
@@ -31,7 +32,7 @@ def check_lm_eval_tasks(tasks) -> list[str]:
     for task in tasks:
         name = get_task(task).name if task not in LM_EVAL_TASKS else task
         if name not in LM_EVAL_TASKS:
-            raise ValueError(f"no lm-eval task for {task!r}: available are {list(LM_EVAL_TASKS)}")
+            raise UserError(f"no lm-eval task for {task!r}: available are {list(LM_EVAL_TASKS)}")
         names.append(name)
     return names
 
@@ -45,7 +46,7 @@ def task_manager(source: str = "local", data_dir: str | os.PathLike | None = Non
                            metadata={"data_dir": data_dir})
     if source == "hub":
         return TaskManager()
-    raise ValueError(f"lm-eval source {source!r} is invalid: expected 'local' or 'hub'")
+    raise UserError(f"lm-eval source {source!r} is invalid: expected 'local' or 'hub'")
 
 
 def run_lm_eval(model: torch.nn.Module, tokenizer, tasks, limit: int | float | None = None, source: str = "local",

@@ -6,7 +6,9 @@ import json
 import time
 from pathlib import Path
 
+from ..adapter_io import verify_checksums
 from ..base_models import load_base_model
+from ..errors import MissingFileError, UserError
 from .harness import check_lm_eval_tasks, format_table, label_token_accuracy, lm_eval_scores, run_lm_eval
 
 
@@ -17,12 +19,16 @@ def load_with_adapter(base: str, adapter: str | None, dtype: str = "fp32", allow
         return model, tokenizer
     config_path = Path(adapter) / "adapter_config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"no adapter_config.json in adapter directory {adapter}")
-    config = json.loads(config_path.read_text())
+        raise MissingFileError(f"no adapter_config.json in adapter directory {adapter}")
+    verify_checksums(adapter)  # a weights file changed or cut short after saving is refused by name
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_path}: not valid JSON ({err.msg}, line {err.lineno})") from None
     named = config.get("base_model_name_or_path")
     if named and named != base and Path(named).resolve() != Path(base).resolve() and not allow_base_mismatch:
-        raise ValueError(f"adapter {adapter} was trained on base {named!r}, not {base!r}: refusing to evaluate "
-                         f"(pass --allow-base-mismatch if the two are the same model)")
+        raise UserError(f"adapter {adapter} was trained on base {named!r}, not {base!r}: refusing to evaluate "
+                        f"(pass --allow-base-mismatch if the two are the same model)")
     if config.get("peft_type") == "MIXLORA":
         from ..model import MixLoraModel
 
@@ -32,7 +38,11 @@ def load_with_adapter(base: str, adapter: str | None, dtype: str = "fp32", allow
     try:
         return PeftModel.from_pretrained(model, adapter).eval(), tokenizer
     except RuntimeError as err:  # torch's size-mismatch message
-        raise ValueError(f"adapter {adapter} does not fit base {base!r}: {err}") from err
+        raise UserError(f"adapter {adapter} does not fit base {base!r}: {err}") from err
+    except Exception as err:  # safetensors' own error types for a damaged file
+        if "safetensor" in type(err).__name__.lower():
+            raise UserError(f"cannot read adapter weights in {adapter}: {err}") from err
+        raise
 
 
 def evaluate_saved(base: str, adapter: str | None, tasks, limit: int | None = None, source: str = "local",

@@ -6,6 +6,7 @@ import time
 from collections import deque
 
 import lightning.pytorch as pl
+from ..errors import UserError
 
 
 class TokenThroughput(pl.Callback):
@@ -55,7 +56,7 @@ class LmEvalCallback(pl.Callback):
 
         self.tasks = check_lm_eval_tasks(tasks)
         if source not in ("local", "hub"):
-            raise ValueError(f"source={source!r} is invalid: expected 'local' or 'hub'")
+            raise UserError(f"source={source!r} is invalid: expected 'local' or 'hub'")
         self.limit, self.every, self.source = limit, every_n_val_epochs, source
         self.batch_size, self.label_token = batch_size, label_token
         self._validations = 0

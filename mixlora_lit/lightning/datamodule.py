@@ -15,6 +15,7 @@ from ..data.encoding import Encoded, collate_cloze, collate_eval, collate_train,
 from ..data.prepare import default_data_dir, prepare, read_split
 from ..data.sampling import MIXING, MixtureBatchSampler
 from ..data.tasks import PAPER_MULTITASK, get_task, resolve_tasks
+from ..errors import UserError
 
 Cap = int | dict[str, int] | None
 
@@ -63,14 +64,14 @@ class MultiTaskDataModule(pl.LightningDataModule):
         for name in self.tasks:
             get_task(name).template(protocol)
         if mixing not in MIXING:
-            raise ValueError(f"mixing={mixing!r} is invalid: expected one of {list(MIXING)}")
+            raise UserError(f"mixing={mixing!r} is invalid: expected one of {list(MIXING)}")
         if cutoff_len < 8:
-            raise ValueError(f"cutoff_len={cutoff_len} is invalid: expected an integer >= 8")
+            raise UserError(f"cutoff_len={cutoff_len} is invalid: expected an integer >= 8")
         for name, cap in (("train_cap", train_cap), ("dev_cap", dev_cap), ("test_cap", test_cap)):
             if isinstance(cap, dict):
                 unknown = [t for t in cap if get_task(t).name not in self.tasks]
                 if unknown:
-                    raise ValueError(f"{name} names task(s) {unknown} that are not in tasks={self.tasks}")
+                    raise UserError(f"{name} names task(s) {unknown} that are not in tasks={self.tasks}")
         self.save_hyperparameters()
         self.protocol = protocol
         self.tokenizer_source = tokenizer

@@ -21,13 +21,15 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, Metric
 
-from .. import runs
+from .. import adapter_io, runs
 from ..base_models import check_source, load_base_model
 from ..baselines import get_lora_model, matched_lora_rank
 from ..config import MixLoraConfig
 from ..data.encoding import cloze_choice_scores, predict_label_tokens
+from ..errors import TrainingDiverged, UserError
 from ..model import MixLoraModel, get_mixlora_model
 from .records import run_dir
 
@@ -128,7 +130,7 @@ class MixLoraLitModule(pl.LightningModule):
         # Validate the adapter settings now, before any model is loaded.
         self.mixlora_config = self._mixlora_config() if adapter.method in ("mixlora", "mixlora-switch") else None
         if optimizer.warmup_steps < 0:
-            raise ValueError(f"optimizer.warmup_steps={optimizer.warmup_steps} is invalid: expected an integer >= 0")
+            raise UserError(f"optimizer.warmup_steps={optimizer.warmup_steps} is invalid: expected an integer >= 0")
         self.model: nn.Module | None = None
         self.task_names: list[str] = []
         self.eval_history: list[dict[str, Any]] = []  # every evaluation pass: accuracy and routing counts
@@ -217,8 +219,8 @@ class MixLoraLitModule(pl.LightningModule):
             if param.requires_grad and not torch.isfinite(param).all():
                 raise self._non_finite(batch_idx, f"the optimizer step made {name} non-finite")
 
-    def _non_finite(self, batch_idx: int, detail: str) -> FloatingPointError:
-        return FloatingPointError(
+    def _non_finite(self, batch_idx: int, detail: str) -> TrainingDiverged:
+        return TrainingDiverged(
             f"non-finite training loss or weights at global step {self.global_step} (epoch {self.current_epoch}, "
             f"batch {batch_idx}): {detail}; stopping. The last checkpoint saved before this step is intact; "
             f"lower the learning rate or check the data.")
@@ -342,15 +344,49 @@ class MixLoraLitModule(pl.LightningModule):
                 self.log(f"{stage}/routing/{key}", value)
             entry["routing_counts"] = counts
             self.routing[stage].reset()
+            if stage == "val" and not self.trainer.sanity_checking:
+                self._warn_unhealthy_routing(counts)
         if scores:
             entry["avg_acc"] = runs.scores_with_average(scores)["avg"]
         self.eval_history.append(entry)
         self.last_eval[stage] = {"acc": scores, "acc_norm": scores_norm, "routing": health,
                                  "predictions": self._gathered_predictions(stage)}
 
+    def _warn_unhealthy_routing(self, counts: list[list[int]]) -> None:
+        """Dead experts (no token in a validation pass) and collapse (one expert takes nearly all of a
+        layer's tokens for COLLAPSE_PATIENCE validation passes in a row), named by layer."""
+        top_k = self.mixlora_config.top_k if self.mixlora_config.routing_strategy == "mixlora" else 1
+        alarms = runs.routing_alarms(counts, top_k)
+        streak = getattr(self, "_collapse_streak", {})
+        self._collapse_streak = {layer: streak.get(layer, 0) + 1 for layer in alarms["collapsed"]}
+        step = self.trained_steps
+        if alarms["dead"]:
+            where = "; ".join(f"layer {layer}: experts {experts}" for layer, experts in alarms["dead"].items())
+            rank_zero_warn(f"routing at step {step}: dead experts (no validation token): {where}")
+        lasting = {layer: alarms["collapsed"][layer] for layer, n in self._collapse_streak.items()
+                   if n >= runs.COLLAPSE_PATIENCE}
+        if lasting:
+            where = "; ".join(f"layer {layer}: expert {e} takes {share:.0%} of tokens"
+                              for layer, (e, share) in lasting.items())
+            rank_zero_warn(f"routing at step {step}: router collapse for {runs.COLLAPSE_PATIENCE}+ validations "
+                           f"in a row: {where}")
+
     def on_validation_epoch_end(self) -> None:
         with torch.inference_mode(False):  # reset() must not leave inference tensors as metric state
             self._eval_epoch_end("val")
+        # Validation inside a fit leaves the random state as the last training step left it (its data
+        # loader draws a seed): training continues the same with or without evaluations, and a checkpoint
+        # written after the pass holds the state the next step uses.
+        rng = getattr(self, "_rng_after_step", None)
+        if rng is not None and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng:
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._rng_after_step = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self._rng_after_step["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_test_epoch_end(self) -> None:
         with torch.inference_mode(False):
@@ -407,6 +443,7 @@ class MixLoraLitModule(pl.LightningModule):
         keys = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        checkpoint["mixlora_eval_history"] = self.eval_history  # a resumed fit's records keep earlier passes
         if torch.cuda.is_available():
             checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
 
@@ -415,11 +452,13 @@ class MixLoraLitModule(pl.LightningModule):
         expected, saved = self._trainable_keys(), set(checkpoint["state_dict"])
         if saved != expected:
             missing, extra = sorted(expected - saved), sorted(saved - expected)
-            raise ValueError(f"checkpoint does not match this model: missing {missing[:3]}, unexpected {extra[:3]} "
-                             f"(was it trained with another method, base or adapter shape?)")
+            raise UserError(f"checkpoint does not match this model: missing {missing[:3]}, unexpected {extra[:3]} "
+                            f"(was it trained with another method, base or adapter shape?)")
         # Restored just before the next training batch: creating the dataloader iterator draws from the RNG.
         self._pending_rng = checkpoint.get("rng_state")
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self.eval_history = list(checkpoint.get("mixlora_eval_history", []))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         rng, self._pending_rng = getattr(self, "_pending_rng", None), None
@@ -437,11 +476,15 @@ class MixLoraLitModule(pl.LightningModule):
 
     def export_adapter(self, directory: str | os.PathLike, training_config: Path | None = None) -> Path:
         """save_pretrained of the trained adapter, with the resolved training config beside it."""
-        directory = Path(directory)
-        self.model.save_pretrained(directory)
-        if training_config is not None and training_config.is_file():
-            runs.write_text_atomic(directory / runs.TRAINING_CONFIG, training_config.read_text())
-        return directory
+        def write(folder: Path) -> None:
+            if isinstance(self.model, MixLoraModel):
+                adapter_io.write_adapter_files(self.model.adapter_state_dict(), self.model.mixlora_config, folder)
+            else:  # PEFT LoRA / DoRA
+                self.model.save_pretrained(folder)
+            if training_config is not None and training_config.is_file():
+                (folder / runs.TRAINING_CONFIG).write_text(training_config.read_text())
+
+        return adapter_io.save_adapter_atomically(directory, write)
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -456,4 +499,4 @@ def _check_base(base: str) -> None:
     try:
         check_source(base)
     except (ValueError, FileNotFoundError) as err:
-        raise ValueError(f"base={base!r} is invalid: {err}") from err
+        raise UserError(f"base={base!r} is invalid: {err}") from err

@@ -53,6 +53,7 @@ class RunRecorder(pl.Callback):
         self._record: runs.RunRecord | None = None
         self._environment: dict[str, Any] | None = None
         self._directory: Path | None = None  # known from setup on: on_exception may run on one rank only
+        self._prior_wall_time = 0.0
 
     # ------------------------------------------------------------------ building the record
     def _environment_info(self, trainer: pl.Trainer) -> dict[str, Any]:
@@ -65,6 +66,7 @@ class RunRecorder(pl.Callback):
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, **changes: Any) -> runs.RunRecord:
         if self._record is None:
+            self._continue_record(trainer)
             dm = trainer.datamodule
             seed = os.environ.get("PL_GLOBAL_SEED")
             self._record = runs.RunRecord(
@@ -78,7 +80,7 @@ class RunRecorder(pl.Callback):
         trainable, total = pl_module.parameter_counts()
         record.trainable_params, record.total_params = trainable, total
         record.global_step = pl_module.trained_steps
-        record.wall_time_s = round(time.perf_counter() - self._started, 3)
+        record.wall_time_s = round(self._prior_wall_time + time.perf_counter() - self._started, 3)
         throughput = next((cb for cb in trainer.callbacks if isinstance(cb, TokenThroughput)), None)
         if throughput is not None and throughput.history:
             record.tokens_per_s = runs.median(throughput.history)
@@ -87,6 +89,23 @@ class RunRecorder(pl.Callback):
         for key, value in changes.items():
             setattr(record, key, value)
         return record
+
+    def _continue_record(self, trainer: pl.Trainer) -> None:
+        """A fit resumed in its own run directory (`--ckpt_path last`) keeps the run's start time and adds
+        the wall time already spent (including the steps lost after the checkpoint)."""
+        self._prior_wall_time = 0.0
+        directory, ckpt = self._directory, trainer.ckpt_path
+        if directory is None or not ckpt or trainer.state.fn != "fit" or \
+                Path(ckpt).resolve().parent.parent != directory.resolve():
+            return
+        try:
+            previous = runs.read_record(directory)
+        except (OSError, ValueError):
+            return
+        if previous is None:
+            return
+        self._prior_wall_time = previous.wall_time_s or 0.0
+        self._started_at = previous.started_at or self._started_at
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, **changes: Any) -> None:
         directory = run_dir(trainer)  # collective: every rank
@@ -106,8 +125,11 @@ class RunRecorder(pl.Callback):
         error = f"{type(exception).__name__}: {exception}"
         if trainer.global_rank != 0 or self._directory is None:  # no collective call: other ranks may be stuck
             return
+        status = "failed"
+        if type(exception).__name__ == "SIGTERMException":  # SigtermCheckpoint saved the step: resumable
+            status, error = "interrupted", f"stopped by SIGTERM at step {trainer.global_step}"
         try:
-            self._update(trainer, pl_module, status="failed", error=error[:2000]).write(self._directory)
+            self._update(trainer, pl_module, status=status, error=error[:2000]).write(self._directory)
         except Exception:  # noqa: BLE001 - never hide the original error behind a record-keeping one
             pass
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import runs
+from ..errors import UserError
 
 # Settings that make two runs of a method different configurations (seeds aside).
 _CONFIG_KEYS = ("r", "lora_alpha", "num_experts", "top_k", "trained_rank", "use_dora", "router_aux_loss_coef",
@@ -144,7 +145,7 @@ def collect_runs(paths: list[str | Path], split: str = "test") -> Collected:
                     f"{method} ({', '.join(f'{k}={sig.get(k)}' for k in differing)})"
                 kept = _drop_duplicate_seeds(config_runs, incomplete)
                 if label in group.methods:
-                    raise ValueError(f"two configurations of {method} in group {group.key} share the label {label}")
+                    raise UserError(f"two configurations of {method} in group {group.key} share the label {label}")
                 group.methods[label] = MethodRuns(label, method, kept)
     ordered = sorted(groups.values(), key=lambda g: g.key)
     return Collected(groups=ordered, incomplete=incomplete)
@@ -177,12 +178,12 @@ def collect_study(spec: str) -> dict[str, Any]:
 
     storage, sep, name = spec.rpartition(":")
     if not sep or not storage or "://" not in storage:
-        raise ValueError(f"--study {spec!r}: expected STORAGE_URL:STUDY_NAME (e.g. sqlite:///runs/sweeps/x.db:mixlora)")
+        raise UserError(f"--study {spec!r}: expected STORAGE_URL:STUDY_NAME (e.g. sqlite:///runs/sweeps/x.db:mixlora)")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         study = optuna.load_study(study_name=name, storage=storage_url(storage, create=False))
     except KeyError:
-        raise ValueError(f"--study {spec!r}: no study named {name!r} in {storage}") from None
+        raise UserError(f"--study {spec!r}: no study named {name!r} in {storage}") from None
     trials = []
     for t in study.get_trials(deepcopy=False):
         trials.append({"number": t.number, "state": t.state.name, "values": t.values, "params": t.params,

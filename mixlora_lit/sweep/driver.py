@@ -25,6 +25,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from .. import runs
+from ..errors import UserError
 from .spec import TRIAL_ENV, NUM_EXPERTS, TOP_K, SweepError, SweepSpec, check_against_config, overrides, storage_url
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -47,12 +48,30 @@ def resolved_fit_config(spec: SweepSpec, values: dict[str, Any]) -> dict[str, An
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             run(args)
+        except UserError as err:
+            raise SweepError(f"{spec.path}: the fit config rejects these overrides: {err}") from None
         except SystemExit as exit_:
             if exit_.code not in (0, None):
                 lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
                 detail = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1] if lines else "")
                 raise SweepError(f"{spec.path}: the fit config rejects these overrides: {detail.strip()}") from None
-    return yaml.safe_load(out.getvalue()) or {}
+    resolved = yaml.safe_load(out.getvalue()) or {}
+    _check_settings(spec, values, resolved)
+    return resolved
+
+
+def _check_settings(spec: SweepSpec, values: dict[str, Any], resolved: dict[str, Any]) -> None:
+    """The checks the model and data module make on their settings before loading anything (MixLoRA's
+    shape, task names, caps...), run on the resolved config of these values."""
+    from ..lightning.datamodule import MultiTaskDataModule
+    from ..lightning.module import MixLoraLitModule
+
+    try:
+        MixLoraLitModule(**resolved.get("model", {}))
+        MultiTaskDataModule(**resolved.get("data", {}))
+    except UserError as err:
+        shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+        raise SweepError(f"{spec.path}: a trial with {shown} would fail: {err}") from None
 
 
 def _probe(spec: SweepSpec, which: int) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ..errors import UserError
 
 TOP_K, NUM_EXPERTS = "model.adapter.top_k", "model.adapter.num_experts"
 TRIAL_ENV = "MIXLORA_LIT_SWEEP_TRIAL"  # JSON: storage, study, trial_id, metric, pruner (set by the sweep worker)
@@ -39,7 +40,7 @@ DISTRIBUTION_KEYS = {"int": {"type", "low", "high", "log", "step"}, "float": {"t
                      "categorical": {"type", "choices"}}
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep file or option that cannot work; reported as one line before any trial runs."""
 
 
