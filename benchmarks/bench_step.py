@@ -78,7 +78,7 @@ def build(method: str, args: argparse.Namespace):
     model, _ = load_base_model(args.base, dtype=args.dtype)
     params = None
     if method == "reference_code":
-        model, params = _reference_code_model(model, args)
+        model, params = reference_code_model(model, args)
     elif method == "lora":
         model = get_lora_model(model, args.lora_rank, 2 * args.lora_rank, args.dropout)
     elif method != "base":
@@ -93,18 +93,29 @@ def build(method: str, args: argparse.Namespace):
     if compiled:
         model.compile()
 
+    return model, training_step(model, params, to_embeddings=method == "base")
+
+
+def training_step(model, params, to_embeddings: bool = False, context=None):
+    """step(ids): forward + backward of the full-sequence LM loss, gradients cleared, the loss returned
+    (not synchronised). `to_embeddings`: the frozen base's floor, backward to the input embeddings."""
+    import contextlib
+
+    enter = context or contextlib.nullcontext
+
     def step(ids):
-        if method == "base":
-            embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
-        else:
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
+        with enter():
+            if to_embeddings:
+                embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
+            else:
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
         for p in params:
             p.grad = None
-        return loss.item()
+        return loss.detach()
 
-    return model, step
+    return step
 
 
 def _mixlora_config(args):
@@ -115,7 +126,7 @@ def _mixlora_config(args):
                          num_experts=args.experts, top_k=args.top_k, **extra)
 
 
-def _reference_code_model(base, args):
+def reference_code_model(base, args, device: str = "cpu", config=None):
     """The reference package's MixLoRA on `base`, with the adapter weights our model starts from.
 
     The reference keeps its experts in plain dicts and its router as a bare tensor, so their
@@ -130,10 +141,11 @@ def _reference_code_model(base, args):
 
     from mixlora_lit import get_mixlora_model
 
-    ours = get_mixlora_model(copy.deepcopy(base), _mixlora_config(args))
+    ours = get_mixlora_model(copy.deepcopy(base), config or _mixlora_config(args))
     with tempfile.TemporaryDirectory() as tmp:
         ours.export_reference(tmp)
-        config, weights = load_adapter_weights(tmp, device="cpu", dtype=torch.float32)
+        config, weights = load_adapter_weights(tmp, device=str(device), dtype=torch.float32)
+    del ours
     for p in base.parameters():
         p.requires_grad_(False)
     inject_adapter_in_model(base, config, weights)
