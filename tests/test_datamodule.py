@@ -83,7 +83,12 @@ def test_padding_fraction_under_15_percent(paper5):
 def test_task_shares_follow_the_mixing_strategy(paper5, mixing, temperature):
     data = paper5.splits["train"]
     sizes = Counter(e.task for e in data)
-    expected = task_probabilities([sizes[t] for t in range(5)], mixing, temperature)
+    n = [sizes[t] for t in range(5)]
+    if mixing == "temperature":  # stated here, not taken from the code under test: n_t^(1/T) / sum n^(1/T)
+        expected = [n_t ** (1 / temperature) / sum(m ** (1 / temperature) for m in n) for n_t in n]
+    else:  # concat and proportional: each task in proportion to its size, n_t / N
+        expected = [n_t / sum(n) for n_t in n]
+    assert task_probabilities(n, mixing, temperature) == pytest.approx(expected, abs=1e-12)
     sampler = MixtureBatchSampler([[i for i, e in enumerate(data) if e.task == t] for t in range(5)],
                                   [len(e.input_ids) for e in data], 16, mixing, temperature, num_samples=40_000)
     seen = Counter(data[i].task for batch in sampler for i in batch)

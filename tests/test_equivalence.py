@@ -31,7 +31,9 @@ def _run(model, ids, mask, path):
     return out.logits.detach(), grads
 
 
-def _compare(model, ids, mask, paths=("fused", "per_expert_down")):
+def _compare(model, ids, mask, dense_expected: bool, paths=("fused", "per_expert_down")):
+    """Fused paths against the reference path (logits and every adapter gradient), and the no-grad
+    default path: the dense masked one exactly when `dense_expected` (stated per variant by the test)."""
     ref_logits, ref_grads = _run(model, ids, mask, "reference")
     for path in paths:
         fused_logits, fused_grads = _run(model, ids, mask, path)
@@ -59,7 +61,7 @@ def _compare(model, ids, mask, paths=("fused", "per_expert_down")):
     finally:
         MixLoraMoeFFN._forward_dense_inference = original
     assert (dense_logits - ref_logits).abs().max().item() <= TOL
-    assert bool(calls) == all(m._plain_lora_everywhere() for m in model.moe_layers())
+    assert bool(calls) == dense_expected
     nonzero = 0
     for name in ref_grads:
         nonzero += bool(ref_grads[name].abs().max() > 0)
@@ -77,10 +79,16 @@ def test_fused_matches_reference(family, top_k):
                                                               top_k=top_k), adapter_dtype=torch.float64)
     randomize_adapters(model)
     ids, mask = batch()
-    _compare(model, ids, mask)
+    _compare(model, ids, mask, dense_expected=True)
 
 
-@pytest.mark.parametrize("variant", ["dora", "rslora", "switch", "mlp_bias", "ffn_subset", "expert_lora"])
+# Inference runs the experts as dense masked matmuls when gate, up and down all carry plain LoRA
+# experts; DoRA experts and an FFN with an untargeted projection keep the fused path.
+DENSE_INFERENCE = {"dora": False, "rslora": True, "switch": True, "mlp_bias": True, "ffn_subset": False,
+                   "expert_lora": True}
+
+
+@pytest.mark.parametrize("variant", sorted(DENSE_INFERENCE))
 def test_fused_matches_reference_variants(variant):
     overrides, cfg = {}, dict(r=4, lora_alpha=8, lora_dropout=0.0, num_experts=4, top_k=2)
     if variant == "dora":
@@ -106,7 +114,7 @@ def test_fused_matches_reference_variants(variant):
     if variant == "switch":  # the capacity must actually overflow for this test to mean something
         model(input_ids=ids, attention_mask=mask)
         assert any((m.last_routing.experts == 4).any() for m in model.moe_layers())
-    _compare(model, ids, mask)
+    _compare(model, ids, mask, dense_expected=DENSE_INFERENCE[variant])
 
 
 def test_injection_preserves_base_outputs_at_init():
@@ -171,4 +179,4 @@ def test_mixed_precision_autocast_runs_and_is_as_accurate_as_the_reference_path(
         errors[path] = ((grads - exact_grads).norm() / exact_grads.norm()).item(), \
             ((logits - exact_logits).norm() / exact_logits.norm()).item()
     for i in range(2):  # gradients, then logits
-        assert 0 < errors["fused"][i] <= 1.5 * errors["reference"][i] + 0.01, errors
+        assert 0 < errors["fused"][i] <= 1.5 * errors["reference"][i], errors  # relative to the reference

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -75,12 +76,30 @@ def test_callback_logs_metrics_writes_json_and_leaves_training_mode(tiny_model_d
     files = sorted(p.name for p in (run_dir / "lm_eval").iterdir())
     assert files == ["step_1.json", "step_2.json"]
     saved = json.loads((run_dir / "lm_eval" / "step_2.json").read_text())
-    assert saved["results"]["arc_easy"]["acc,none"] >= 0 and saved["n-samples"]["boolq"]["effective"] == 5
-    assert "label_token" in saved and saved["mixlora_lit"]["source"] == "local"
-    metrics = (run_dir / "metrics.csv").read_text()
-    for key in ("lm_eval/arc_easy/acc", "lm_eval/arc_easy/acc_norm", "lm_eval/boolq/acc", "label_token/boolq/acc"):
-        assert key in metrics
-    assert cli.model.model.training
+    assert saved["n-samples"]["boolq"]["effective"] == 5 and saved["mixlora_lit"]["source"] == "local"
+    metrics = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    logged = {k: float(r[k]) for r in metrics for k in r if k.startswith(("lm_eval/", "label_token/")) and r[k]
+              and int(r["step"]) == 2}
+    assert logged["lm_eval/arc_easy/acc"] == saved["results"]["arc_easy"]["acc,none"]
+    assert logged["label_token/boolq/acc"] == saved["label_token"]["results"]["boolq"]["acc"]
+    assert {"lm_eval/arc_easy/acc_norm", "lm_eval/boolq/acc"} <= set(logged)
+
+    # The callback's own effect, outside Lightning's loop (which restores the mode after validation
+    # anyway): it evaluates in eval mode and hands the model back in training mode.
+    callback = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "LmEvalCallback")
+    model = cli.model.model
+    model.train()
+    modes = []
+    hook = model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    try:
+        callback.run(cli.trainer, cli.model)
+    finally:
+        hook.remove()
+    assert modes and not any(modes), "lm-eval ran with dropout on"
+    assert model.training and all(m.training for m in model.modules())
+    # ... and what it wrote is what lm-eval computes on the same weights.
+    again = run_lm_eval(model, cli.model.tokenizer, ["arc_easy"], 5, "local", data_dir, 16)
+    assert again["results"]["arc_easy"]["acc,none"] == saved["results"]["arc_easy"]["acc,none"]
 
 
 def test_eval_command_on_a_saved_adapter_and_bad_input(tiny_model_dir, prepared_data, tmp_path, capsys):
@@ -139,3 +158,35 @@ def test_label_token_accuracy_matches_predictions_from_full_logits(smollm2_fp32,
         full = logits[torch.arange(len(examples)), batch["last_index"]]
         assert (picked - full).abs().max().item() < 1e-3
         assert scores[task]["n"] == 12 and abs(scores[task]["acc"] - expected) < 1e-9
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_eval_loads_peft_lora_and_dora_adapters(method, tiny_model_dir, prepared_data, tmp_path):
+    """A PEFT LoRA/DoRA adapter saved by `fit` goes through `mixlora-lit eval`, and the model eval loads
+    computes the trained model's logits (which differ from the bare base's)."""
+    from mixlora_lit.cli import main
+    from mixlora_lit.evaluation.standalone import load_with_adapter
+    from mixlora_lit.lightning.cli import run
+
+    data_dir, _ = prepared_data
+    fit = run(["fit", f"--model.base={tiny_model_dir}", "--model.base_dtype=fp32", f"--model.adapter.method={method}",
+               "--model.adapter.r=4", "--model.optimizer.lr=1e-2", f"--data.data_dir={data_dir}",
+               "--data.train_cap=8", "--data.dev_cap=2", "--data.batch_size=4", "--trainer.max_steps=2",
+               "--trainer.enable_progress_bar=false", "--trainer.num_sanity_val_steps=0",
+               f"--trainer.default_root_dir={tmp_path / 'fit'}"])
+    adapter = Path(fit.trainer.log_dir) / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_dora"] == (method == "dora")
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--base", str(tiny_model_dir), "--adapter", str(adapter), "--tasks", "arc_easy", "--limit",
+                 "4", "--data-dir", str(data_dir), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["label_token"]["scores"]["arc_easy"]["n"] == 4 and "arc_easy" in report["lm_eval"]["scores"]
+
+    ids = torch.randint(10, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    loaded, _ = load_with_adapter(str(tiny_model_dir), str(adapter), dtype="fp32")
+    bare, _ = load_with_adapter(str(tiny_model_dir), None, dtype="fp32")
+    trained = fit.model.model.eval()
+    with torch.no_grad():
+        want, got, base = (m(input_ids=ids).logits for m in (trained, loaded, bare))
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(base, want, atol=1e-3)

@@ -12,25 +12,33 @@ from mixlora_lit import MixLoraConfig, get_mixlora_model
 
 
 def test_base_frozen_adapters_train():
+    """Every base weight (the wrapped projections included, whose names change on injection) is the same
+    tensor after injection, gets no gradient and does not change; every adapter tensor changes."""
     base = tiny_llama(dtype=torch.float32)
-    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    frozen = [(name, param, param.detach().clone()) for name, param in base.named_parameters()]
+    wrapped = [n for n, _, _ in frozen if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                                       "o_proj.weight", "gate_proj.weight", "up_proj.weight",
+                                                       "down_proj.weight"))]
+    assert len(wrapped) == 7 * base.config.num_hidden_layers  # the weights injection renames are all checked
     model = get_mixlora_model(base, MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2))
+    in_model = {id(p): n for n, p in model.named_parameters()}
+    assert all(id(param) in in_model for _, param, _ in frozen), "injection replaced a base weight"
+    assert any(in_model[id(param)].endswith("q_proj.base_layer.weight") for _, param, _ in frozen)
     adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert adapters and all(("lora_" in n or "moe_gate" in n) for n in adapters)
+    assert not any(param.requires_grad for _, param, _ in frozen)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     ids, mask = batch()
     for _ in range(2):  # B starts at zero, so A only gets a gradient from the second step on
         out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
         out.loss.backward()
-        for name, param in base.named_parameters():
-            if name in before:
-                assert param.grad is None, f"frozen {name} got a gradient"
+        for name, param, _ in frozen:
+            assert param.grad is None, f"frozen {name} got a gradient"
         opt.step()
         opt.zero_grad()
-    for name, param in base.named_parameters():
-        if name in before:
-            assert torch.equal(param, before[name]), f"frozen {name} changed"
+    for name, param, value in frozen:
+        assert torch.equal(param, value), f"frozen {name} changed"
     changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, adapters[n])}
     assert changed == set(adapters), f"unchanged adapter tensors: {sorted(set(adapters) - changed)[:5]}"
 

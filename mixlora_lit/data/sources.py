@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -127,7 +128,7 @@ def olmo_records(task: str, split: str, downloads: Path) -> list[Record]:
 HUB_DATASETS: dict[str, tuple[str, str | None]] = {
     "arc_easy": ("allenai/ai2_arc", "ARC-Easy"),
     "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"),
-    "boolq": ("google/boolq", None),
+    "boolq": ("aps/super_glue", "boolq"),  # lm-eval's boolq: passages keep their "Title -- " prefix
     "openbookqa": ("allenai/openbookqa", "main"),
     "piqa": ("ybisk/piqa", None),
     "social_iqa": ("allenai/social_i_qa", None),
@@ -144,19 +145,43 @@ def _hub_choices_qa(row: dict, i: int, question_key: str) -> Record:
             "label": labels.index(row["answerKey"]), "choice_labels": labels}
 
 
+def _hub_boolq(row: dict, i: int) -> Record:
+    """SuperGLUE's BoolQ (label 1 = yes), the rows lm-eval's `boolq` task reads."""
+    if "label" not in row:
+        raise DataError(f"BoolQ record {row.get('idx', i)}: this is google/boolq's schema (question, answer, "
+                        f"passage), whose passages lack the 'Title -- ' prefix lm-eval's boolq shows; use "
+                        f"aps/super_glue (config boolq), as lm-eval does, so prompts match")
+    question = row["question"][:-1] if row["question"].endswith("?") else row["question"]
+    return {"id": str(row.get("idx", i)), "question": question, "context": row["passage"],
+            "choices": ["true", "false"], "label": 0 if int(row["label"]) == 1 else 1}
+
+
+def _hellaswag_clean(text: str) -> str:
+    """HellaSwag text as lm-eval shows it: WikiHow's ` [title]` marks end a sentence, its other
+    bracketed tags ([header], [step], ...) go, and the double spaces this leaves become single."""
+    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
+    return text.replace("  ", " ")
+
+
+def _hub_hellaswag(row: dict, i: int) -> Record:
+    """lm-eval's HellaSwag document: `activity: ctx_a Ctx_b` cleaned, endings cleaned."""
+    query = _hellaswag_clean(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
+    activity, _, context = query.partition(": ")
+    return {"id": str(i),  # `ind` repeats across examples
+            "question": context, "context": activity, "choices": [_hellaswag_clean(e) for e in row["endings"]],
+            "label": int(row["label"])}
+
+
 _HUB_CONVERT: dict[str, Callable[[dict, int], Record]] = {
     "arc_easy": lambda r, i: _hub_choices_qa(r, i, "question"),
     "arc_challenge": lambda r, i: _hub_choices_qa(r, i, "question"),
     "openbookqa": lambda r, i: _hub_choices_qa(r, i, "question_stem"),
-    "boolq": lambda r, i: {"id": str(r.get("idx", i)), "question": r["question"].rstrip("?"),
-                           "context": r["passage"], "choices": ["true", "false"], "label": 0 if r["answer"] else 1},
+    "boolq": _hub_boolq,
     "piqa": lambda r, i: {"id": str(i), "question": r["goal"], "choices": [r["sol1"], r["sol2"]],
                           "label": int(r["label"])},
     "social_iqa": lambda r, i: {"id": str(i), "question": r["question"], "context": r["context"],
                                 "choices": [r["answerA"], r["answerB"], r["answerC"]], "label": int(r["label"]) - 1},
-    "hellaswag": lambda r, i: {"id": str(i),  # `ind` repeats
-                               "question": r["ctx"], "context": r["activity_label"],
-                               "choices": list(r["endings"]), "label": int(r["label"])},
+    "hellaswag": _hub_hellaswag,
     "winogrande": lambda r, i: {"id": str(i), "question": r["sentence"], "choices": [r["option1"], r["option2"]],
                                 "label": int(r["answer"]) - 1},
 }
