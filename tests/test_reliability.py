@@ -526,3 +526,24 @@ def test_validation_does_not_change_training(tiny_model_dir, prepared_data, tmp_
     assert losses(often) == losses(once) and len(set(losses(once).values())) > 3
     a, b = load_file(runs.adapter_dir(often) / SAFETENSORS_NAME), load_file(runs.adapter_dir(once) / SAFETENSORS_NAME)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class SigtermAtTrainEnd(pl.Callback):
+    """Sends this process a real SIGTERM after the last training step, before the fit ends."""
+
+    def on_train_end(self, trainer, pl_module):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_after_the_last_step_keeps_the_fit_and_skips_the_test_stage(tiny_model_dir, prepared_data, tmp_path):
+    from mixlora_lit.errors import SIGTERM_EXIT, StoppedBySignal
+    from mixlora_lit.lightning.cli import run
+
+    args = fit_args(tiny_model_dir, prepared_data, tmp_path, "--test_after_fit=true",
+                    f"--trainer.callbacks+={__name__}.SigtermAtTrainEnd", steps=3)
+    with pytest.raises(StoppedBySignal) as stopped:
+        run(args)
+    assert stopped.value.code == SIGTERM_EXIT and "the test stage did not run" in stopped.value.note
+    run_dir = tmp_path / "version_0"
+    assert runs.read_record(run_dir).global_step == 3 and (runs.adapter_dir(run_dir) / SAFETENSORS_NAME).is_file()
+    assert not runs.predictions_path(run_dir, "test").exists()

@@ -91,6 +91,7 @@ class SigtermCheckpoint(pl.Callback):
         self._after_validation = False
         self._lightning_handler: Any = None
         self.saved: tuple[str, int] | None = None
+        self.pending = False  # SIGTERM came after the last step (set at teardown)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         callback = trainer.checkpoint_callback
@@ -147,8 +148,6 @@ class SigtermCheckpoint(pl.Callback):
         self._lightning_handler = None
         self.pending = self._held  # came after the last step: the CLI stops before its next stage
         self._held = False
-
-    pending = False
 
 
 class _ResumedWriter(ExperimentWriter):
