@@ -41,14 +41,12 @@ import contextlib
 import copy
 import gc
 import json
-import math
 import os
 import platform
 import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import warnings
