@@ -49,7 +49,9 @@ def _sweep_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.config, storage=args.storage, study_name=args.study_name, n_trials=args.n_trials,
                      timeout=args.timeout)
-    run_sweep(spec)
+    if args.commit and spec.archive is None:
+        raise UserError(f"--commit: {args.config} has no `archive:` folder to commit")
+    run_sweep(spec, commit=args.commit)
     return 0
 
 
@@ -178,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     srun.add_argument("--study-name", default=None)
     srun.add_argument("--n-trials", type=int, default=None, help="finished trials wanted in the study, all workers")
     srun.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    srun.add_argument("--commit", action="store_true",
+                      help="git-commit each finished trial's archived record and the study (needs `archive:`)")
     srun.set_defaults(func=_sweep_run)
     for name, func, text in (("status", _sweep_status, "the trials table"),
                              ("best", _sweep_best, "the best trial (or Pareto front) and its fit YAML")):

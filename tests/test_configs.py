@@ -79,3 +79,24 @@ def test_quickstart_shortened_on_the_real_model_and_data(prepared_data, tmp_path
     metrics = (run_dir / "metrics.csv").read_text()
     assert "train/tokens_per_sec" in metrics and "val/routing/load_entropy" in metrics
     assert cli.model.mixlora_config.num_experts == 8 and cli.model.model.get_nb_trainable_parameters()[0] == 26_311_680
+
+
+@pytest.mark.parametrize("method", ["mixlora", "lora", "dora"])
+def test_the_table2_study_config_is_the_paper_config_of_each_method(method, capsys):
+    """The study trains every method from one config (the method set per trial): what it resolves to
+    must be the shipped Table 2 paper config of that method, apart from the study's run name, the
+    validation pass before training (the base row replaces it) and the keys only other methods read."""
+    study = _resolved_with(ROOT / "configs" / "studies" / "table2_smollm2.yaml", capsys,
+                           f"--model.adapter.method={method}")
+    paper = _resolved(ROOT / "configs" / "paper" / "table2" / "smollm2-135m" / f"{method}.yaml", capsys)
+    for cfg in (study, paper):
+        cfg.pop("run_name"), cfg.pop("validate_at_start")
+        cfg["model"]["adapter"].pop("top_k" if method != "mixlora" else "match_rank")  # the other kind's key
+    assert study == paper
+
+
+def _resolved_with(config: Path, capsys, *overrides: str) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", f"--config={config}", *overrides, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)

@@ -153,11 +153,14 @@ def test_sigterm_writes_a_checkpoint_at_that_step_and_the_run_resumes_exactly(re
     step, ckpt = int(match.group(1)), Path(match.group(2))
     assert ckpt == tmp_path / "version_0" / runs.CHECKPOINTS_DIR / runs.LAST_CHECKPOINT
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == step and 20 <= step < STEPS
-    record = runs.read_record(tmp_path / "version_0")
-    assert record.status == "interrupted" and record.error == f"stopped by SIGTERM at step {step}"
+    stopped = runs.read_record(tmp_path / "version_0")
+    assert stopped.status == "interrupted" and stopped.error == f"stopped by SIGTERM at step {step}"
 
     _finish([*args, "--ckpt_path=last"], tmp_path / "resumed.log")
     _assert_same_outcome(_outcome(tmp_path / "version_0"), reference)
+    # One run in its record: the start of the first process, and the wall time of both.
+    resumed = runs.read_record(tmp_path / "version_0")
+    assert resumed.started_at == stopped.started_at and resumed.wall_time_s > stopped.wall_time_s
 
 
 class SigtermDuringValidation(pl.Callback):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -168,7 +169,7 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(fit_config, tmp_path,
     assert trials[1.0e-3].state == TrialState.COMPLETE
 
 
-def test_a_killed_worker_s_trial_fails_after_the_grace_period_and_is_retried(fit_config, tmp_path):
+def test_a_killed_worker_s_trial_fails_after_the_grace_period_and_its_retry_resumes_it(fit_config, tmp_path):
     short = {"trainer.max_steps": 2, "trainer.val_check_interval": 2}
     long = {"trainer.max_steps": 1000, "trainer.val_check_interval": 1000, "data.train_cap": 1200}
     path = write_sweep(tmp_path, fit_config, fixed=short, heartbeat={"interval": 1, "grace_period": 3}, n_trials=1)
@@ -193,13 +194,22 @@ def test_a_killed_worker_s_trial_fails_after_the_grace_period_and_is_retried(fit
     assert [t.state for t in study_of(path).trials] == [TrialState.COMPLETE, TrialState.RUNNING]
     time.sleep(4)  # past the grace period
     # A second worker (the same command, shorter trials) fails the stale trial and runs its retry.
-    path = write_sweep(tmp_path, fit_config, fixed=short, heartbeat={"interval": 1, "grace_period": 3}, n_trials=2)
+    killed_at = torch.load(next((tmp_path / "s" / "trial_0001").rglob(runs.LAST_CHECKPOINT)), map_location="cpu",
+                           weights_only=False)["global_step"]
+    resumed = {"trainer.max_steps": killed_at + 2, "trainer.val_check_interval": killed_at + 2,
+               "data.train_cap": 1200}
+    path = write_sweep(tmp_path, fit_config, fixed=resumed, heartbeat={"interval": 1, "grace_period": 3}, n_trials=2)
     assert main(["sweep", "run", "--config", str(path)]) == 0
     trials = study_of(path).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[2]) == 1
     assert trials[2].params == trials[1].params
-    assert trials[2].user_attrs["run_dir"].endswith("trial_0002/version_0")  # not the killed trial's folder
+    # The retry continues the killed trial's fit from its checkpoint, in its folder.
+    assert trials[2].user_attrs["resumed_trial"] == 1
+    assert trials[2].user_attrs["run_dir"].endswith("trial_0001/version_0")
+    record = runs.read_record(trials[2].user_attrs["run_dir"])
+    assert record.status == "finished" and record.resumed_from.endswith(runs.LAST_CHECKPOINT)
+    assert record.global_step == killed_at + 2
 
 
 # ---------------------------------------------------------------------- PostgreSQL

@@ -33,7 +33,8 @@ from ..errors import TrainingDiverged, UserError
 from ..model import MixLoraModel, get_mixlora_model
 from .records import run_dir
 
-Method = Literal["mixlora", "mixlora-switch", "lora", "dora"]
+Method = Literal["mixlora", "mixlora-switch", "lora", "dora", "base"]
+BASE = "base"  # no adapter: the frozen base model (zero-shot rows; `test` and `validate` only)
 
 
 class RoutingCounts(Metric):
@@ -70,7 +71,8 @@ def _adapter_settings_class() -> type:
             default = dataclasses.field(default=source.default)
         specs.append((name, hints[name], default))
     specs.append(("match_rank", bool, dataclasses.field(default=False)))
-    doc = """What to train. `method`: `mixlora` (top-k), `mixlora-switch`, `lora` or `dora` (HF PEFT baselines).
+    doc = """What to train. `method`: `mixlora` (top-k), `mixlora-switch`, `lora` or `dora` (HF PEFT baselines),
+    or `base` (no adapter: the frozen base model, scored with `mixlora-lit test`; nothing to fit).
 
     The other fields are `MixLoraConfig`'s, with its defaults and documentation. For `lora`/`dora`, r, lora_alpha, lora_dropout,
     target_modules and use_rslora apply, and `match_rank: true` picks the rank whose trainable
@@ -154,6 +156,9 @@ class MixLoraLitModule(pl.LightningModule):
             model.set_execution_path(hp.execution_path)
             model.set_recompute_experts(hp.recompute_experts)
             self.lora_rank = a.r
+        elif a.method == BASE:
+            model = base.requires_grad_(False)
+            self.lora_rank = None
         else:
             rank, alpha = a.r, a.lora_alpha
             if a.match_rank:
@@ -395,6 +400,8 @@ class MixLoraLitModule(pl.LightningModule):
     # ------------------------------------------------------------------ what the run record needs
     def describe_adapter(self) -> dict[str, Any]:
         """The method's hyperparameters as trained (with the matched rank for LoRA/DoRA)."""
+        if self.adapter.method == BASE:
+            return {"method": BASE}
         out = asdict(self.adapter)
         if self.mixlora_config is not None:
             out.update(self.mixlora_config.to_dict())
@@ -416,6 +423,9 @@ class MixLoraLitModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
+        if self.adapter.method == BASE:
+            raise UserError("model.adapter.method=base has nothing to train: score the base model with "
+                            "`mixlora-lit test --config ... --model.adapter.method=base`")
         hp = self.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))

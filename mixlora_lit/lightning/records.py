@@ -54,6 +54,7 @@ class RunRecorder(pl.Callback):
         self._environment: dict[str, Any] | None = None
         self._directory: Path | None = None  # known from setup on: on_exception may run on one rank only
         self._prior_wall_time = 0.0
+        self._previous: runs.RunRecord | None = None
 
     # ------------------------------------------------------------------ building the record
     def _environment_info(self, trainer: pl.Trainer) -> dict[str, Any]:
@@ -66,7 +67,6 @@ class RunRecorder(pl.Callback):
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, **changes: Any) -> runs.RunRecord:
         if self._record is None:
-            self._continue_record(trainer)
             dm = trainer.datamodule
             seed = os.environ.get("PL_GLOBAL_SEED")
             self._record = runs.RunRecord(
@@ -92,20 +92,17 @@ class RunRecorder(pl.Callback):
 
     def _continue_record(self, trainer: pl.Trainer) -> None:
         """A fit resumed in its own run directory (`--ckpt_path last`) keeps the run's start time and adds
-        the wall time already spent (including the steps lost after the checkpoint)."""
-        self._prior_wall_time = 0.0
+        the wall time already spent (including the steps lost after the checkpoint). Called once the
+        checkpoint is known (`trainer.ckpt_path` is set after `setup`), with the record read at `setup`."""
+        previous, self._previous = self._previous, None
         directory, ckpt = self._directory, trainer.ckpt_path
-        if directory is None or not ckpt or trainer.state.fn != "fit" or \
+        if previous is None or directory is None or not ckpt or trainer.state.fn != "fit" or \
                 Path(ckpt).resolve().parent.parent != directory.resolve():
-            return
-        try:
-            previous = runs.read_record(directory)
-        except (OSError, ValueError):
-            return
-        if previous is None:
             return
         self._prior_wall_time = previous.wall_time_s or 0.0
         self._started_at = previous.started_at or self._started_at
+        if self._record is not None:
+            self._record.started_at = self._started_at
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, **changes: Any) -> None:
         directory = run_dir(trainer)  # collective: every rank
@@ -116,7 +113,15 @@ class RunRecorder(pl.Callback):
     # ------------------------------------------------------------------ stages
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._directory = run_dir(trainer)  # collective: every rank
+        try:  # the record this run replaces: a resumed fit continues it (on_train_start)
+            self._previous = runs.read_record(self._directory) if stage == "fit" else None
+        except (OSError, ValueError):
+            self._previous = None
         self._write(trainer, pl_module, status="running", stage=stage, error=None)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._continue_record(trainer)
+        self._write(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._write(trainer, pl_module, status="finished", stage=stage)

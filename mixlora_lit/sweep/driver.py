@@ -12,8 +12,10 @@ import io
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -25,7 +27,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from .. import runs
-from ..errors import UserError
+from ..errors import StoppedBySignal, UserError
 from .spec import TRIAL_ENV, NUM_EXPERTS, TOP_K, SweepError, SweepSpec, check_against_config, overrides, storage_url
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -101,6 +103,12 @@ def _optuna_object(module, spec: SweepSpec, settings: dict[str, Any] | None, wha
         raise SweepError(f"{spec.path}: {what} {name}: {err}") from None
 
 
+def make_sampler(spec: SweepSpec, settings: dict[str, Any]):
+    if spec.is_grid:  # the grid is the categorical space; the driver enqueues its points in order
+        return optuna.samplers.GridSampler({name: dist["choices"] for name, dist in spec.space.items()})
+    return _optuna_object(optuna.samplers, spec, settings, "sampler")
+
+
 def check_spec(spec: SweepSpec) -> dict[str, Any]:
     """Everything that can be checked before a trial runs; returns the resolved base config."""
     for name, dist in spec.space.items():
@@ -113,7 +121,7 @@ def check_spec(spec: SweepSpec) -> dict[str, Any]:
                                                        step=dist.get("step"))
         except ValueError as err:
             raise SweepError(f"{spec.path}: space.{name}: {err}") from None
-    _optuna_object(optuna.samplers, spec, spec.sampler, "sampler")
+    make_sampler(spec, dict(spec.sampler))
     _optuna_object(optuna.pruners, spec, spec.pruner, "pruner")
     passes = max([2] + [len(d["choices"]) for d in spec.space.values() if d["type"] == "categorical"])
     resolved = resolved_fit_config(spec, _probe(spec, 0))
@@ -202,31 +210,54 @@ class Objective:
     def __init__(self, spec: SweepSpec, resolved: dict[str, Any], prune: bool) -> None:
         self.spec, self.resolved, self.prune = spec, resolved, prune
         self.runs_dir = spec.runs_dir.resolve()
+        self.child: subprocess.Popen | None = None  # the running trial's fit
+        self.stopping = False  # SIGTERM came: the running trial is checkpointed and the worker stops
 
-    def command(self, trial_dir: Path, values: dict[str, Any], number: int) -> list[str]:
+    def command(self, trial_dir: Path, values: dict[str, Any], number: int, resume: bool = False) -> list[str]:
+        """The trial's fit; `fixed` may turn `test_after_fit` on (a study that tests every trial)."""
         return [sys.executable, "-m", "mixlora_lit.cli", "fit", f"--config={self.spec.fit_config}",
-                *overrides(self.spec.fixed), *overrides(values), f"--trainer.default_root_dir={trial_dir}",
-                f"--run_name={self.spec.study_name}/trial_{number:04d}", "--test_after_fit=false"]
+                "--test_after_fit=false", *overrides(self.spec.fixed), *overrides(values),
+                f"--trainer.default_root_dir={trial_dir}", f"--run_name={self.spec.study_name}/trial_{number:04d}",
+                *(["--ckpt_path=last"] if resume else [])]
+
+    def interrupted_trial(self, trial: optuna.Trial, values: dict[str, Any]) -> int | None:
+        """The newest earlier trial with these values that was interrupted (by SIGTERM, or its worker was
+        killed) and left a checkpoint: this trial continues it in its folder."""
+        for old in sorted(trial.study.get_trials(deepcopy=False), key=lambda t: -t.number):
+            if old.state != TrialState.FAIL or old.params != values or old.number == trial.number:
+                continue
+            if old.user_attrs.get("fail_reason") and not old.user_attrs.get("interrupted"):
+                continue  # a real failure: start afresh
+            if runs.latest_checkpoint(self.runs_dir / f"trial_{old.number:04d}") is not None:
+                return old.number
+        return None
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         spec = self.spec
         values = sample(trial, spec, self.resolved)
-        for key in ("run_dir", "config", "pruned_at_step", "fail_reason", *RECORD_ATTRS):
+        for key in ("run_dir", "config", "pruned_at_step", "fail_reason", "interrupted", "resumed_trial",
+                    *RECORD_ATTRS):
             if key in trial.user_attrs:  # a retried trial starts with the stale trial's attributes
                 trial.set_user_attr(key, None)
-        trial_dir = self.runs_dir / f"trial_{trial.number:04d}"
-        if trial_dir.exists():  # left by an earlier study with the same runs_dir: kept, moved aside
+        resumed = self.interrupted_trial(trial, values)
+        number = trial.number if resumed is None else resumed
+        trial_dir = self.runs_dir / f"trial_{number:04d}"
+        if resumed is not None:
+            trial.set_user_attr("resumed_trial", resumed)
+        elif trial_dir.exists():  # left by an earlier study with the same runs_dir: kept, moved aside
             trial_dir.rename(trial_dir.with_name(f"{trial_dir.name}.old-{int(time.time())}"))
-        trial_dir.mkdir(parents=True)
+        trial_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
         if self.prune:
             env[TRIAL_ENV] = json.dumps({"storage": storage_url(spec.storage), "study": spec.study_name,
                                          "trial_id": trial._trial_id, "metric": spec.objectives[0].metric,
                                          "pruner": spec.pruner})
         log = trial_dir / "fit.log"
-        with open(log, "w", encoding="utf8") as fh:
-            code = subprocess.run(self.command(trial_dir, values, trial.number), stdout=fh, stderr=subprocess.STDOUT,
-                                  env=env, stdin=subprocess.DEVNULL).returncode
+        with open(log, "a" if resumed is not None else "w", encoding="utf8") as fh:
+            self.child = subprocess.Popen(self.command(trial_dir, values, number, resume=resumed is not None),
+                                          stdout=fh, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+            code = self.child.wait()
+            self.child = None
         run_dir = trial_dir / "version_0"  # a fresh folder: the fit's first logger version
         record = runs.read_record(run_dir) if run_dir.is_dir() else None
         if run_dir.is_dir():
@@ -237,6 +268,10 @@ class Objective:
         if record is not None:
             for key in RECORD_ATTRS:
                 trial.set_user_attr(key, getattr(record, key))
+        if code != 0 and self.stopping:
+            trial.set_user_attr("interrupted", True)
+            self._fail(trial, f"interrupted by SIGTERM (fit exited with code {code}); the next `sweep run` "
+                              f"continues it from its checkpoint (log: {log})")
         if code != 0:
             self._fail(trial, f"fit exited with code {code}: {_failure_line(log)} (log: {log})")
         if record is None:
@@ -287,8 +322,56 @@ def best_summary(study: optuna.Study) -> str:
     return f"best: #{best.number} {best.value:.4g} ({_format_params(best.params)})"
 
 
-def run_sweep(spec: SweepSpec, echo=print) -> optuna.Study:
-    """One worker: run trials until the study holds `n_trials` finished ones (all workers together)."""
+def _trial_params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    return trial.params or trial.system_attrs.get("fixed_params", {})  # a waiting trial has only fixed_params
+
+
+def next_grid_point(spec: SweepSpec, study: optuna.Study) -> dict[str, Any] | None:
+    """The first grid point (in the file's order) with no finished, running or waiting trial, and not
+    failed twice for a reason other than an interruption; None when every point is taken."""
+    trials = study.get_trials(deepcopy=False)
+    for point in spec.grid_points():
+        same = [t for t in trials if _trial_params(t) == point]
+        if any(t.state != TrialState.FAIL for t in same):
+            continue
+        failures = [t for t in same if t.user_attrs.get("fail_reason") and not t.user_attrs.get("interrupted")]
+        if len(failures) < 2:
+            return point
+    return None
+
+
+def archive_trial(spec: SweepSpec, trial: optuna.trial.FrozenTrial, commit: bool) -> str | None:
+    """Copy a finished trial's compact record (and a SQLite study) under `spec.archive`; commit them with `commit`."""
+    from . import archive
+
+    if spec.archive is None or trial.state == TrialState.RUNNING:
+        return None
+    written: list[Path] = []
+    number = trial.user_attrs.get("resumed_trial", trial.number)
+    trial_dir = spec.runs_dir.resolve() / f"trial_{number:04d}"
+    run_dir = trial_dir / "version_0"
+    if run_dir.is_dir() and not trial.user_attrs.get("interrupted"):  # an interrupted run is archived when done
+        dest = spec.archive / "runs" / spec.study_name / trial_dir.name
+        archive.archive_run(run_dir, dest, log=trial_dir / "fit.log")
+        written.append(dest)
+    database = archive.sqlite_file(spec.storage)
+    if database is not None and database.is_file():
+        written.append(archive.copy_sqlite(database, spec.archive / database.name))
+    if not commit:
+        return f"archived in {spec.archive}"
+    params = _format_params(trial.params)
+    outcome = archive.git_commit(written, f"{spec.study_name}: trial {trial.number} {trial.state.name.lower()} "
+                                          f"({params}); compact record and study database")
+    return f"archived in {spec.archive}, {outcome}"
+
+
+def run_sweep(spec: SweepSpec, echo=print, commit: bool = False) -> optuna.Study:
+    """One worker: run trials until the study holds `n_trials` finished ones (all workers together).
+
+    A grid study runs its points in order. SIGTERM stops the worker: the running trial's fit writes a
+    checkpoint, the trial is marked interrupted, and the next `sweep run` continues it from there.
+    With `spec.archive`, every finished trial's compact record is copied there (and committed with `commit`).
+    """
     resolved = check_spec(spec)
     pruner = _optuna_object(optuna.pruners, spec, spec.pruner, "pruner")
     if spec.multi_objective and pruner is not None:
@@ -300,7 +383,7 @@ def run_sweep(spec: SweepSpec, echo=print) -> optuna.Study:
     sampler_settings = dict(spec.sampler)
     if sampler_settings.get("seed") is not None:  # each worker its own stream: workers must not repeat trials
         sampler_settings["seed"] = int(sampler_settings["seed"]) + os.getpid()
-    sampler = _optuna_object(optuna.samplers, spec, sampler_settings, "sampler")
+    sampler = make_sampler(spec, sampler_settings)
     study = None
     for attempt in range(4):  # workers starting together on a fresh database race to create the study
         try:
@@ -317,11 +400,24 @@ def run_sweep(spec: SweepSpec, echo=print) -> optuna.Study:
                          f"{[d.name.lower() for d in study.directions]}, not {spec.directions}")
     study.set_user_attr("sweep", {"file": str(spec.path), "fit_config": str(spec.fit_config),
                                   "objectives": [o.metric for o in spec.objectives], "fixed": spec.fixed})
+    objective = Objective(spec, resolved, prune)
 
     def done() -> bool:
         counts = _counts(study)
         return (sum(counts[s] for s in FINISHED) >= spec.n_trials
-                or counts[TrialState.FAIL] >= spec.failure_budget)
+                or counts[TrialState.FAIL] >= spec.failure_budget and not spec.is_grid)
+
+    def enqueue() -> bool:
+        """Grid studies: queue the next point; False when none is left for this worker."""
+        if not spec.is_grid:
+            return True
+        if any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False)):
+            return True  # a retried trial (or another worker's point) goes first
+        point = next_grid_point(spec, study)
+        if point is None:
+            return False
+        study.enqueue_trial(point)
+        return True
 
     def progress(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         duration = trial.duration.total_seconds() if trial.duration else 0.0
@@ -332,7 +428,10 @@ def run_sweep(spec: SweepSpec, echo=print) -> optuna.Study:
         echo(f"[sweep] {spec.study_name} trial {trial.number}: {trial.state.name} value={_format_values(trial)} "
              f"{_format_params(trial.params)} in {duration:.0f} s{reason} | "
              f"{sum(counts[s] for s in FINISHED)}/{spec.n_trials} finished | {best_summary(study_)}", flush=True)
-        if done():
+        archived = archive_trial(spec, trial, commit)
+        if archived:
+            echo(f"[sweep] {spec.study_name} trial {trial.number}: {archived}", flush=True)
+        if objective.stopping or done() or not enqueue():
             study_.stop()
 
     if done():
@@ -341,13 +440,30 @@ def run_sweep(spec: SweepSpec, echo=print) -> optuna.Study:
     echo(f"[sweep] {spec.study_name}: storage {_redact(spec.storage)}, {spec.n_trials} finished trials wanted, "
          f"{sum(_counts(study)[s] for s in FINISHED)} so far; trial runs in {spec.runs_dir}")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress line replaces Optuna's per-trial log
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        objective.stopping = True
+        child = objective.child
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)  # the fit checkpoints and exits; a second SIGTERM is harmless
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
-        study.optimize(Objective(spec, resolved, prune), n_trials=None, timeout=spec.timeout,
-                       callbacks=[progress], catch=(TrialError,), gc_after_trial=True)
+        if enqueue():
+            study.optimize(objective, n_trials=None, timeout=spec.timeout, callbacks=[progress], catch=(TrialError,),
+                           gc_after_trial=True)
     except (optuna.exceptions.OptunaError, sqlalchemy_error()) as err:
         raise SweepError(f"study {spec.study_name!r}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if objective.stopping:
+        raise StoppedBySignal(f"(sweep {spec.study_name!r}): the running trial keeps its checkpoint; run the same "
+                              f"`sweep run` command to continue")
     counts = _counts(study)
-    if counts[TrialState.FAIL] >= spec.failure_budget and sum(counts[s] for s in FINISHED) < spec.n_trials:
+    if counts[TrialState.FAIL] >= spec.failure_budget and sum(counts[s] for s in FINISHED) < spec.n_trials \
+            and not spec.is_grid:
         raise SweepError(f"study {spec.study_name!r}: stopped after {counts[TrialState.FAIL]} failed trials "
                          f"(max_failed_trials={spec.failure_budget}); see `sweep status` and the trials' fit.log")
     return study

@@ -16,10 +16,16 @@
     study_name: <name>
     runs_dir: runs/sweeps/<name>               # trial run directories (trial_NNNN/version_0)
     heartbeat: {interval: 60, grace_period: 180}
+    archive: reports/<study>                   # copy each finished trial's compact record (and a SQLite study) here
+
+A grid: `sampler: {name: GridSampler}` with only categorical dimensions runs every combination once,
+in the order the space lists them (the last key varies fastest), so the first trials of an
+interrupted grid are the most important ones; `n_trials` is the grid's size.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -35,7 +41,8 @@ TRIAL_ENV = "MIXLORA_LIT_SWEEP_TRIAL"  # JSON: storage, study, trial_id, metric,
 RECORD_METRICS = ("trainable_params", "total_params", "tokens_per_s", "wall_time_s")
 ROUTING_METRICS = ("load_entropy", "dead_expert_frac", "max_load_share")
 KNOWN_KEYS = {"fit_config", "fixed", "space", "objective", "sampler", "pruner", "n_trials", "max_failed_trials",
-              "storage", "study_name", "runs_dir", "heartbeat", "timeout"}
+              "storage", "study_name", "runs_dir", "heartbeat", "timeout", "archive"}
+GRID = "GridSampler"
 DISTRIBUTION_KEYS = {"int": {"type", "low", "high", "log", "step"}, "float": {"type", "low", "high", "log", "step"},
                      "categorical": {"type", "choices"}}
 
@@ -67,6 +74,16 @@ class SweepSpec:
     heartbeat_interval: int = 60
     grace_period: int = 180
     timeout: float | None = None
+    archive: Path | None = None
+
+    @property
+    def is_grid(self) -> bool:
+        return self.sampler.get("name") == GRID
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every combination of the categorical space, in the file's order (the last key varies fastest)."""
+        names = list(self.space)
+        return [dict(zip(names, values)) for values in itertools.product(*(self.space[n]["choices"] for n in names))]
 
     @property
     def multi_objective(self) -> bool:
@@ -128,14 +145,29 @@ def load_spec(path: str | os.PathLike, storage: str | None = None, study_name: s
     grace = int(heartbeat.get("grace_period", 3 * interval))
     if interval < 1 or grace <= interval:
         raise _error(path, f"heartbeat needs interval >= 1 and grace_period > interval (got {interval}, {grace})")
+    sampler = data.get("sampler") or {"name": "TPESampler"}
+    if isinstance(sampler, dict) and sampler.get("name") == GRID:
+        numeric = [name for name, dist in space.items() if dist["type"] != "categorical"]
+        if numeric:
+            raise _error(path, f"sampler {GRID} needs categorical dimensions only; {numeric} are not")
+        given = sampler.get("search_space")
+        if set(sampler) - {"name", "search_space"} or given is not None and given != {
+                name: dist["choices"] for name, dist in space.items()}:
+            raise _error(path, f"sampler {GRID}: its grid is the space's categorical choices; give no other "
+                               f"arguments (search_space, if given, must equal them)")
+        grid_size = math.prod(len(dist["choices"]) for dist in space.values())
+        if n_trials is None and "n_trials" in data and int(data["n_trials"]) != grid_size:
+            raise _error(path, f"n_trials={data['n_trials']} but the grid has {grid_size} points (leave n_trials out)")
+        n_trials = grid_size if n_trials is None else n_trials
     spec = SweepSpec(
         path=path, fit_config=fit_config, space=space, objectives=objectives, fixed=fixed,
-        sampler=data.get("sampler") or {"name": "TPESampler"}, pruner=data.get("pruner"),
+        sampler=sampler, pruner=data.get("pruner"),
         n_trials=int(n_trials if n_trials is not None else data.get("n_trials", 20)),
         max_failed_trials=data.get("max_failed_trials"),
         storage=storage or data.get("storage") or f"sqlite:///runs/sweeps/{name}.db", study_name=name,
         runs_dir=Path(data.get("runs_dir") or f"runs/sweeps/{name}"), heartbeat_interval=interval,
-        grace_period=grace, timeout=timeout if timeout is not None else data.get("timeout"))
+        grace_period=grace, timeout=timeout if timeout is not None else data.get("timeout"),
+        archive=Path(data["archive"]) if data.get("archive") else None)
     if spec.n_trials < 1:
         raise _error(path, f"n_trials={spec.n_trials} is invalid: expected an integer >= 1")
     for key in ("sampler", "pruner"):
