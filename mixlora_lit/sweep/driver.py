@@ -353,7 +353,7 @@ def archive_trial(spec: SweepSpec, trial: optuna.trial.FrozenTrial, commit: bool
     if run_dir.is_dir() and not trial.user_attrs.get("interrupted"):  # an interrupted run is archived when done
         dest = spec.archive / "runs" / spec.study_name / trial_dir.name
         archive.archive_run(run_dir, dest, log=trial_dir / "fit.log")
-        written.append(dest)
+        written.append(dest.parent)  # the study's folder: a copy whose commit failed goes with this one
     database = archive.sqlite_file(spec.storage)
     if database is not None and database.is_file():
         written.append(archive.copy_sqlite(database, spec.archive / database.name))
