@@ -48,7 +48,7 @@ def _sweep_run(args: argparse.Namespace) -> int:
     from .sweep.spec import load_spec
 
     spec = load_spec(args.config, storage=args.storage, study_name=args.study_name, n_trials=args.n_trials,
-                     timeout=args.timeout)
+                     timeout=args.timeout, fit_config=args.fit_config)
     if args.commit and spec.archive is None:
         raise UserError(f"--commit: {args.config} has no `archive:` folder to commit")
     run_sweep(spec, commit=args.commit)
@@ -112,7 +112,8 @@ def _report(args: argparse.Namespace) -> int:
     groups = report["groups"]
     for g in groups:
         line = ", ".join(f"{label} {_pct_or_dash(m['avg']['mean'])}" for label, m in g["methods"].items())
-        print(f"{g['base']} | {g['protocol']} | {'+'.join(g['tasks'])}: {line}")
+        series = f"{g['series']} | " if g.get("series") else ""
+        print(f"{series}{g['base']} | {g['protocol']} | {'+'.join(g['tasks'])}: {line}")
         for c in g["comparisons"]:
             print(f"  {c['a']} - {c['b']}: {100 * c['diff']:+.1f} points, 95% CI [{100 * c['ci_low']:+.1f}, "
                   f"{100 * c['ci_high']:+.1f}], p={c['p_value']:.3g} ({c['n_examples']} paired examples)")
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     srun.add_argument("--study-name", default=None)
     srun.add_argument("--n-trials", type=int, default=None, help="finished trials wanted in the study, all workers")
     srun.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    srun.add_argument("--fit-config", default=None, help="the fit YAML every trial starts from, instead of the "
+                                                         "sweep file's fit_config (e.g. a `sweep best --out` file)")
     srun.add_argument("--commit", action="store_true",
                       help="git-commit each finished trial's archived record and the study (needs `archive:`)")
     srun.set_defaults(func=_sweep_run)

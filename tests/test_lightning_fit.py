@@ -17,6 +17,7 @@ import torch
 from conftest import fit_args
 from mixlora_lit import runs
 from mixlora_lit.data.prepare import read_split
+from mixlora_lit.errors import UserError
 from mixlora_lit.lightning.cli import run
 from mixlora_lit.lightning.module import MixLoraLitModule
 
@@ -328,3 +329,25 @@ def test_python_and_cli_switch_configs_are_equal(tiny_model_dir, prepared_data, 
     assert cli.model.mixlora_config == python
     assert (python.top_k, python.router_init_range, python.jitter_noise) == (1, 1.0, 0.01)
     assert MixLoraConfig().router_init_range == 0.02 and MixLoraConfig().jitter_noise == 0.0
+
+
+def test_method_base_scores_the_bare_base_model_and_refuses_to_fit(tiny_model_dir, prepared_data, tmp_path):
+    """The zero-shot row: `test` with method base. Oracle: an untrained PEFT LoRA (B = 0 at init) computes the
+    base model's function through another code path, so its test predictions must be the same."""
+    def test_args(method: str) -> list[str]:
+        args = _args(tiny_model_dir, prepared_data, tmp_path / method, method=method)
+        return ["test"] + [a for a in args[1:] if not a.startswith(("--trainer.max_steps", "--trainer.val_check",
+                                                                     "--trainer.log_every"))]
+
+    base = run(test_args("base"))
+    lora = run(test_args("lora"))
+    base_record, lora_record = (runs.read_record(cli.trainer.log_dir) for cli in (base, lora))
+    assert base_record.method == "base" and base_record.trainable_params == 0 and base_record.adapter == {
+        "method": "base"}
+    assert lora_record.trainable_params > 0
+    base_rows, lora_rows = (runs.read_jsonl(Path(cli.trainer.log_dir) / "predictions" / "test.jsonl")
+                            for cli in (base, lora))
+    assert len(base_rows) == 30 and [(r["id"], r["prediction"]) for r in base_rows] == [
+        (r["id"], r["prediction"]) for r in lora_rows]
+    with pytest.raises(UserError, match="model.adapter.method=base has nothing to train"):
+        run(_args(tiny_model_dir, prepared_data, tmp_path / "fit", method="base"))

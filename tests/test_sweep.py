@@ -311,3 +311,97 @@ def test_cloze_sweeps_may_select_on_acc_norm_and_paper_sweeps_may_not(fit_config
     check_spec(load_spec(cloze))
     paper = write_sweep(tmp_path, fit_config, name="p", objective={"metric": "val/boolq/acc_norm"})
     assert main(["sweep", "run", "--config", str(paper)]) == 2
+
+
+# ---------------------------------------------------------------------- grid studies (the Table 2 study's engine)
+GRID_SPACE = {"seed_everything": {"type": "categorical", "choices": [1, 2]},
+              "model.adapter.method": {"type": "categorical", "choices": ["mixlora", "lora"]}}
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+def test_a_grid_runs_every_point_once_in_file_order_and_commits_each_finished_run(fit_config, tmp_path, monkeypatch,
+                                                                                   capsys):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    for key in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{key}_NAME", "study")
+        monkeypatch.setenv(f"GIT_{key}_EMAIL", "study@example.org")
+    (repo / "elsewhere.txt").write_text("staged by someone else: must not be committed with the study")
+    _git(repo, "add", "elsewhere.txt")
+    archive = repo / "reports" / "grid"
+    path = write_sweep(tmp_path, fit_config, space=GRID_SPACE, sampler={"name": "GridSampler"},
+                       fixed={"test_after_fit": True, "trainer.max_steps": 1, "trainer.val_check_interval": 1},
+                       objective={"metric": "trainable_params"}, archive=str(archive))
+    yaml_spec = yaml.safe_load(path.read_text())
+    yaml_spec.pop("n_trials")  # a grid's size is its number of trials
+    path.write_text(yaml.safe_dump(yaml_spec))
+    assert main(["sweep", "run", "--config", str(path), "--commit"]) == 0
+    trials = study_of(path).trials
+    expected = [{"seed_everything": s, "model.adapter.method": m} for s in (1, 2) for m in ("mixlora", "lora")]
+    assert [t.params for t in trials] == expected and all(t.state == TrialState.COMPLETE for t in trials)
+    # Each finished run: a compact record (test predictions included, no checkpoint or adapter) and a commit.
+    for trial in trials:
+        copy = archive / "runs" / "s" / f"trial_{trial.number:04d}"
+        record = runs.read_record(copy)
+        assert record.status == "finished" and record.seed == trial.params["seed_everything"]
+        assert record.method == trial.params["model.adapter.method"]
+        assert runs.read_jsonl(copy / "predictions" / "test.jsonl") == runs.read_jsonl(
+            Path(trial.user_attrs["run_dir"]) / "predictions" / "test.jsonl")
+        assert not list(copy.rglob("*.ckpt")) and not (copy / runs.ADAPTER_DIR).exists()
+    log = _git(repo, "log", "--format=%s").splitlines()
+    assert len(log) == 4 and all(f"s: trial {n} complete" in line for n, line in zip(range(3, -1, -1), log))
+    assert "elsewhere.txt" not in _git(repo, "ls-tree", "-r", "--name-only", "HEAD")
+    assert _git(repo, "status", "--porcelain", "--", "reports") == ""  # everything archived is committed
+    # The committed study database is a consistent copy that Optuna reads.
+    copy = optuna.load_study(study_name="s", storage=f"sqlite:///{archive / 's.db'}")
+    assert [t.params for t in copy.trials] == expected
+    capsys.readouterr()
+    assert main(["sweep", "run", "--config", str(path), "--commit"]) == 0  # nothing left to run
+    assert "already has 4 finished trials" in capsys.readouterr().out and len(study_of(path).trials) == 4
+
+
+def test_sigterm_stops_a_grid_worker_and_the_next_run_continues_the_trial_from_its_checkpoint(fit_config, tmp_path):
+    long = {"trainer.max_steps": 1000, "trainer.val_check_interval": 1000, "checkpoint.every_n_train_steps": 2,
+            "data.train_cap": 1200}
+    path = write_sweep(tmp_path, fit_config, space=GRID_SPACE, sampler={"name": "GridSampler"}, fixed=long,
+                       objective={"metric": "trainable_params"}, n_trials=4)
+    log = tmp_path / "worker.log"
+    with open(log, "w") as fh:
+        worker = subprocess.Popen(sweep_command(path), stdout=fh, stderr=subprocess.STDOUT)
+    checkpoints = tmp_path / "s" / "trial_0000" / "version_0" / runs.CHECKPOINTS_DIR
+    deadline = time.time() + 120
+    while not (checkpoints / runs.LAST_CHECKPOINT).is_file():
+        assert worker.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGTERM)  # the worker alone, as `kill PID` does
+    assert worker.wait(timeout=120) == 143
+    last = [line for line in log.read_text().splitlines() if line.strip()][-1]
+    assert last.startswith("mixlora-lit: stopped by SIGTERM (sweep 's')"), last
+    trials = study_of(path).trials
+    assert len(trials) == 1 and trials[0].state == TrialState.FAIL and trials[0].user_attrs["interrupted"]
+    stopped_at = torch.load(checkpoints / runs.LAST_CHECKPOINT, map_location="cpu", weights_only=False)["global_step"]
+    assert runs.read_record(checkpoints.parent).status == "interrupted"
+
+    short = dict(long, **{"trainer.max_steps": stopped_at + 2, "trainer.val_check_interval": stopped_at + 2})
+    path = write_sweep(tmp_path, fit_config, space=GRID_SPACE, sampler={"name": "GridSampler"}, fixed=short,
+                       objective={"metric": "trainable_params"}, n_trials=4)
+    assert main(["sweep", "run", "--config", str(path)]) == 0
+    trials = study_of(path).trials
+    assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 4
+    assert trials[1].params == trials[0].params and trials[1].user_attrs["resumed_trial"] == 0
+    record = runs.read_record(trials[1].user_attrs["run_dir"])
+    assert trials[1].user_attrs["run_dir"].endswith("trial_0000/version_0") and record.status == "finished"
+    assert record.resumed_from == str(checkpoints / runs.LAST_CHECKPOINT) and record.global_step == stopped_at + 2
+    assert [t.params for t in trials[1:]] == [{"seed_everything": s, "model.adapter.method": m}
+                                              for s in (1, 2) for m in ("mixlora", "lora")]
+
+
+def test_a_grid_takes_categorical_dimensions_only(fit_config, tmp_path, capsys):
+    path = write_sweep(tmp_path, fit_config, sampler={"name": "GridSampler"})
+    assert main(["sweep", "run", "--config", str(path)]) == 2
+    assert "sampler GridSampler needs categorical dimensions only; ['model.adapter.num_experts', " \
+           "'model.adapter.top_k', 'model.optimizer.lr'] are not" in capsys.readouterr().err

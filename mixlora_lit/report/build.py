@@ -53,6 +53,7 @@ def summarise_group(group: Group, split: str, baseline: str, n_resamples: int, s
                                       if len(trainable) == 1 and total else None),
             "global_step": sorted({r.global_step for r in records}),
             "runs": [_display(run.path) for run in m.runs],
+            "cost": _cost(m.runs),
         }
     comparisons = []
     base_labels = [label for label, m in methods.items() if m["method"] == baseline]
@@ -75,9 +76,91 @@ def summarise_group(group: Group, split: str, baseline: str, n_resamples: int, s
         if missing:
             notes.append(f"{a} vs {b}: no shared examples for {missing}; the difference averages {paired.tasks} only")
         comparisons.append({"a": a, "b": b, "metric": "avg", "missing_tasks": missing, **result})
-    return {"base": group.base, "protocol": group.protocol, "tasks": group.tasks, "kind": group.kind, "split": split,
+    return {"series": group.series, "base": group.base, "protocol": group.protocol, "tasks": group.tasks,
+            "kind": group.kind, "split": split,
             "methods": methods, "comparisons": comparisons, "baseline": base_labels[0] if base_labels else None,
             "baselines": base_labels, "notes": notes, "published": published_rows(group.tasks, group.protocol, single_task=group.kind == SINGLE_TASK)}
+
+
+def _cost(method_runs: list[runs.Run]) -> dict[str, Any]:
+    """Training cost from the records: median tokens/s and examples/s while training, seconds per optimizer
+    step (examples per step / examples per second) and wall time per run (training and evaluation)."""
+    tokens, examples, steps, walls = [], [], [], []
+    for run in method_runs:
+        record = run.record
+        if record.tokens_per_s:
+            tokens.append(record.tokens_per_s)
+        if record.wall_time_s:
+            walls.append(record.wall_time_s)
+        rate = runs.median(float(r["train/examples_per_sec"]) for r in runs.read_metrics(run.path)
+                           if r.get("train/examples_per_sec") not in (None, ""))
+        if rate:
+            examples.append(rate)
+            trainer, data = run.config.get("trainer") or {}, run.config.get("data") or {}
+            per_step = (data.get("batch_size") or 0) * (trainer.get("accumulate_grad_batches") or 1)
+            if per_step:
+                steps.append(per_step / rate)
+    return {"tokens_per_s": runs.median(tokens), "examples_per_s": runs.median(examples),
+            "s_per_step": runs.median(steps), "wall_time_s": runs.median(walls), "n_runs": len(method_runs)}
+
+
+VERDICTS = {"gain": "MixLoRA is better at this scale", "loss": "MixLoRA is worse at this scale",
+            "none": "no difference detectable at this scale (the 95% CI covers 0)"}
+
+
+def findings(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """MixLoRA against LoRA and DoRA in every group, with a verdict read off the 95% CI and the paper's
+    published gap for the same pair (Table 2, LLaMA-2 7B) where the group is the paper's 5-task mix."""
+    from .published import PAPER5, TABLE2
+
+    out = []
+    for g in groups:
+        for c in g["comparisons"]:
+            a, b = g["methods"][c["a"]]["method"], g["methods"][c["b"]]["method"]
+            if not (a.startswith("mixlora") and b in ("lora", "dora")):
+                continue
+            verdict = "gain" if c["ci_low"] > 0 else "loss" if c["ci_high"] < 0 else "none"
+            gap = None
+            if g["kind"] != SINGLE_TASK and sorted(g["tasks"]) == sorted(PAPER5) and a in TABLE2 and b in TABLE2:
+                gap = TABLE2[a]["avg"] - TABLE2[b]["avg"]
+            out.append({"series": g["series"], "base": g["base"], "protocol": g["protocol"], "a": c["a"], "b": c["b"],
+                        "diff": c["diff"], "ci_low": c["ci_low"], "ci_high": c["ci_high"], "p_value": c["p_value"],
+                        "n_examples": c["n_examples"], "n_seeds": c["n_seeds"], "verdict": verdict,
+                        "per_task": {t: e["diff"] for t, e in c["per_task"].items()}, "published_gap": gap,
+                        "published_gap_in_ci": None if gap is None else c["ci_low"] <= gap <= c["ci_high"]})
+    return out
+
+
+def finding_text(f: dict[str, Any]) -> str:
+    where = " · ".join(x for x in (f["series"], f["base"], f"protocol {f['protocol']}") if x)
+    losses = [f"{t} {100 * d:+.1f}" for t, d in f["per_task"].items() if d < 0]
+    text = (f"{where}: {f['a']} − {f['b']} = {100 * f['diff']:+.1f} points, 95% CI [{100 * f['ci_low']:+.1f}, "
+            f"{100 * f['ci_high']:+.1f}], p={f['p_value']:.2g} ({f['n_seeds'][0]} / {f['n_seeds'][1]} seeds, "
+            f"{f['n_examples']} paired test examples): {VERDICTS[f['verdict']]}.")
+    if losses:
+        text += f" Tasks where {f['a']} scores lower: {', '.join(losses)}."
+    if f["published_gap"] is not None:
+        text += (f" The paper reports {100 * f['published_gap']:+.1f} (LLaMA-2 7B, Table 2), "
+                 f"{'inside' if f['published_gap_in_ci'] else 'outside'} this interval"
+                 f"{'' if f['protocol'] == 'paper' else ' (measured with its own label-token protocol)'}.")
+    return text
+
+
+def _cost_rows(summary: dict[str, Any]) -> list[list[str]]:
+    def fmt(value, digits=1):
+        return "-" if value is None else f"{value:,.{digits}f}"
+
+    rows = []
+    for label, m in summary["methods"].items():
+        c = m["cost"]
+        params = m["trainable_params"]
+        rows.append([label, f"{params:,}" if isinstance(params, int) else str(params), fmt(c["tokens_per_s"]),
+                     fmt(c["examples_per_s"], 2), fmt(c["s_per_step"], 2), fmt(c["wall_time_s"], 0), str(c["n_runs"])])
+    return rows
+
+
+COST_HEADER = ["method", "trainable params", "tokens/s (training)", "examples/s", "s per optimizer step",
+               "wall time per run (s)", "runs"]
 
 
 def _methods_section(group: Group) -> dict[str, Any]:
@@ -145,6 +228,7 @@ def build_report(run_paths: list[str], studies: list[str], out: str | Path, titl
         summary["methods_section"] = _methods_section(group)
         summary["figures"] = _figures(index, group, summary, figures)
         report["groups"].append(summary)
+    report["findings"] = findings(report["groups"])
     for spec in studies:
         study = collect_study(spec)
         study["figures"] = []
@@ -256,8 +340,13 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     out = [f"# {report['title']}", "", f"Generated {report['created']} by `{report['command']}`. Units: {report['units']}.",
            ""]
+    if report.get("findings"):
+        out += ["## Findings", "", "MixLoRA against LoRA and DoRA, test accuracy averaged over the tasks "
+                "(verdicts from the paired 95% CI; details, per-task tables and the methods of each group below):", ""]
+        out += [f"- {_md(finding_text(f))}" for f in report["findings"]] + [""]
     for i, g in enumerate(report["groups"]):
-        out += [f"## {_md(g['base'])} · protocol {_md(g['protocol'])} · {g['kind']} · {_md(', '.join(g['tasks']))}", "",
+        series = f"{_md(g['series'])} · " if g.get("series") else ""
+        out += [f"## {series}{_md(g['base'])} · protocol {_md(g['protocol'])} · {g['kind']} · {_md(', '.join(g['tasks']))}", "",
                 f"{g['split']} accuracy (%), mean ± std over seeds; the last column is the difference of the "
                 f"average to the baseline `{g['baseline']}` with its paired bootstrap 95% CI and permutation p-value.",
                 "", _md_table(*_table_rows(g)), ""]
@@ -267,6 +356,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         out += [f"- note: {_md(n)}" for n in g["notes"]] + ([""] if g["notes"] else [])
         if g["comparisons"]:
             out += ["### Paired comparisons", "", _md_table(COMPARISON_HEADER, _comparison_rows(g)), ""]
+        out += ["### Cost", "", "Medians over each method's runs, from their records (training throughput "
+                "from metrics.csv; wall time includes evaluation).", "", _md_table(COST_HEADER, _cost_rows(g)), ""]
         for fig in g["figures"]:
             out += [f"![{fig['caption']}](figures/{fig['file']})", "", fig["caption"], ""]
         ms = g["methods_section"]
@@ -309,8 +400,10 @@ code{background:#f4f4f4;padding:1px 3px}
 </style></head><body>
 <h1>{{ report.title }}</h1>
 <p>Generated {{ report.created }} by <code>{{ report.command }}</code>. Units: {{ report.units }}.</p>
+{% if findings %}<h2>Findings</h2><p>MixLoRA against LoRA and DoRA, test accuracy averaged over the tasks (verdicts
+from the paired 95% CI; details below):</p><ul>{% for f in findings %}<li>{{ f }}</li>{% endfor %}</ul>{% endif %}
 {% for g in report.groups %}
-<h2>{{ g.base }} · protocol <code>{{ g.protocol }}</code> · {{ g.kind }} · {{ g.tasks | join(", ") }}</h2>
+<h2>{% if g.series %}{{ g.series }} · {% endif %}{{ g.base }} · protocol <code>{{ g.protocol }}</code> · {{ g.kind }} · {{ g.tasks | join(", ") }}</h2>
 <p>{{ g.split }} accuracy (%), mean ± std over seeds; the last column is the difference of the average to the
 baseline <code>{{ g.baseline }}</code> with its paired bootstrap 95% CI and permutation p-value.</p>
 <table class="main"><tr>{% for h in g.table[0] %}<th>{{ h }}</th>{% endfor %}</tr>
@@ -321,6 +414,9 @@ Not the same scale: compare directions, not values.</p>{% endif %}
 {% if g.comparison_rows %}<h3>Paired comparisons</h3>
 <table><tr>{% for h in comparison_header %}<th>{{ h }}</th>{% endfor %}</tr>
 {% for row in g.comparison_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
+<h3>Cost</h3><p>Medians over each method's runs, from their records (wall time includes evaluation).</p>
+<table><tr>{% for h in cost_header %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in g.cost_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
 {% for fig in g.figures %}<figure><img alt="{{ fig.caption }}" src="{{ images[fig.file] }}">
 <figcaption>{{ fig.caption }}</figcaption></figure>{% endfor %}
 <h3>Methods</h3>
@@ -355,7 +451,8 @@ def render_html(report: dict[str, Any], figures: Path) -> str:
                                                                         for f in s["figures"]]:
         data = (figures / item["file"]).read_bytes()
         images[item["file"]] = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-    groups = [dict(g, table=_table_rows(g), comparison_rows=_comparison_rows(g), our_scale=_our_scale(g))
-              for g in report["groups"]]
+    groups = [dict(g, table=_table_rows(g), comparison_rows=_comparison_rows(g), our_scale=_our_scale(g),
+                   cost_rows=_cost_rows(g)) for g in report["groups"]]
     return env.from_string(_HTML).render(report=dict(report, groups=groups), images=images,
-                                         comparison_header=COMPARISON_HEADER)
+                                         comparison_header=COMPARISON_HEADER, cost_header=COST_HEADER,
+                                         findings=[finding_text(f) for f in report.get("findings", [])])

@@ -53,10 +53,12 @@ class Group:
     tasks: list[str]
     kind: str = "multi-task"  # or SINGLE_TASK: one run per task and seed
     methods: dict[str, MethodRuns] = field(default_factory=dict)
+    series: str = ""  # `--runs SERIES=PATH`: runs compared only within their series
 
     @property
     def key(self) -> str:
-        return f"{self.base} | {self.protocol} | {self.kind}: {'+'.join(self.tasks)}"
+        prefix = f"{self.series} | " if self.series else ""
+        return f"{prefix}{self.base} | {self.protocol} | {self.kind}: {'+'.join(self.tasks)}"
 
 
 @dataclass
@@ -81,7 +83,30 @@ def _group_key(record: runs.RunRecord) -> tuple:
     return record.base, record.protocol, tuple(sorted(record.tasks))
 
 
+def split_series(paths: list[str | Path]) -> dict[str, list[Path]]:
+    """`SERIES=PATH` items (runs compared within their series, e.g. "paper settings" and "tuned") and plain paths
+    (the series ""), in the order given. A path may be named in several series (a shared base-model row)."""
+    out: dict[str, list[Path]] = {}
+    for item in map(str, paths):
+        label, sep, rest = item.partition("=")
+        if sep and label.strip() and rest and not Path(item).exists():
+            out.setdefault(label.strip(), []).append(Path(rest))
+        else:
+            out.setdefault("", []).append(Path(item))
+    return out
+
+
 def collect_runs(paths: list[str | Path], split: str = "test") -> Collected:
+    groups: list[Group] = []
+    incomplete: list[dict[str, Any]] = []
+    for series, series_paths in split_series(paths).items():
+        collected = _collect_series(series_paths, split, series)
+        groups += collected.groups
+        incomplete += [dict(item, series=series) if series else item for item in collected.incomplete]
+    return Collected(groups=groups, incomplete=incomplete)
+
+
+def _collect_series(paths: list[Path], split: str, series: str) -> Collected:
     incomplete: list[dict[str, Any]] = []
     roots = []
     for path in map(Path, paths):
@@ -126,7 +151,7 @@ def collect_runs(paths: list[str | Path], split: str = "test") -> Collected:
         members.setdefault(key, []).append(run)
         if key not in groups:
             groups[key] = Group(base=key[0], protocol=key[1], tasks=[],
-                                kind=SINGLE_TASK if key[2] == SINGLE_TASK else "multi-task")
+                                kind=SINGLE_TASK if key[2] == SINGLE_TASK else "multi-task", series=series)
     for key, group in groups.items():
         group.tasks = sorted({t for run in members[key] for t in run.record.tasks}, key=_task_order)
         by_method: dict[str, list[runs.Run]] = {}

@@ -75,7 +75,9 @@ def git_commit(paths: list[Path], message: str) -> str:
         return f"not committed: {paths[0]} is not in a git work tree"
     root = Path(top.stdout.strip())
     names = [str(p.resolve().relative_to(root)) for p in paths]
-    subprocess.run(["git", "add", "--", *names], cwd=root, check=True, capture_output=True)
+    added = subprocess.run(["git", "add", "--", *names], cwd=root, capture_output=True, text=True)
+    if added.returncode != 0:
+        return f"not committed: git add failed: {' '.join((added.stderr or added.stdout).split())[:300]}"
     staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *names], cwd=root)
     if staged.returncode == 0:
         return "unchanged, nothing to commit"

@@ -104,8 +104,11 @@ def _optuna_object(module, spec: SweepSpec, settings: dict[str, Any] | None, wha
 
 
 def make_sampler(spec: SweepSpec, settings: dict[str, Any]):
-    if spec.is_grid:  # the grid is the categorical space; the driver enqueues its points in order
-        return optuna.samplers.GridSampler({name: dist["choices"] for name, dist in spec.space.items()})
+    if spec.is_grid:
+        # The driver enqueues every point of the categorical space in the file's order, so the sampler is
+        # never asked for a value. Optuna's GridSampler itself is not used: it picks points in random order
+        # and does not count enqueued trials as visited.
+        return optuna.samplers.RandomSampler(seed=0)
     return _optuna_object(optuna.samplers, spec, settings, "sampler")
 
 
@@ -235,7 +238,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         spec = self.spec
         values = sample(trial, spec, self.resolved)
-        for key in ("run_dir", "config", "pruned_at_step", "fail_reason", "interrupted", "resumed_trial",
+        for key in ("run_dir", "config", "pruned_at_step", "fail_reason", "interrupted", "resumed_trial", "routing",
                     *RECORD_ATTRS):
             if key in trial.user_attrs:  # a retried trial starts with the stale trial's attributes
                 trial.set_user_attr(key, None)
@@ -268,6 +271,8 @@ class Objective:
         if record is not None:
             for key in RECORD_ATTRS:
                 trial.set_user_attr(key, getattr(record, key))
+            if (record.routing or {}).get("val"):  # MixLoRA: routing health of the last dev pass
+                trial.set_user_attr("routing", record.routing["val"])
         if code != 0 and self.stopping:
             trial.set_user_attr("interrupted", True)
             self._fail(trial, f"interrupted by SIGTERM (fit exited with code {code}); the next `sweep run` "

@@ -17,6 +17,8 @@
     runs_dir: runs/sweeps/<name>               # trial run directories (trial_NNNN/version_0)
     heartbeat: {interval: 60, grace_period: 180}
     archive: reports/<study>                   # copy each finished trial's compact record (and a SQLite study) here
+    extends: ../lora.yaml                      # start from another sweep file: its keys, then this file's
+                                               # (`fixed` merged key by key, every other key replaced)
 
 A grid: `sampler: {name: GridSampler}` with only categorical dimensions runs every combination once,
 in the order the space lists them (the last key varies fastest), so the first trials of an
@@ -41,7 +43,7 @@ TRIAL_ENV = "MIXLORA_LIT_SWEEP_TRIAL"  # JSON: storage, study, trial_id, metric,
 RECORD_METRICS = ("trainable_params", "total_params", "tokens_per_s", "wall_time_s")
 ROUTING_METRICS = ("load_entropy", "dead_expert_frac", "max_load_share")
 KNOWN_KEYS = {"fit_config", "fixed", "space", "objective", "sampler", "pruner", "n_trials", "max_failed_trials",
-              "storage", "study_name", "runs_dir", "heartbeat", "timeout", "archive"}
+              "storage", "study_name", "runs_dir", "heartbeat", "timeout", "archive", "extends"}
 GRID = "GridSampler"
 DISTRIBUTION_KEYS = {"int": {"type", "low", "high", "log", "step"}, "float": {"type", "low", "high", "log", "step"},
                      "categorical": {"type", "choices"}}
@@ -103,7 +105,8 @@ def _error(path: Path, message: str) -> SweepError:
 
 
 def load_spec(path: str | os.PathLike, storage: str | None = None, study_name: str | None = None,
-              n_trials: int | None = None, timeout: float | None = None) -> SweepSpec:
+              n_trials: int | None = None, timeout: float | None = None,
+              fit_config: str | os.PathLike | None = None) -> SweepSpec:
     """Read and check a sweep file; command-line values override the file's."""
     path = Path(path)
     if not path.is_file():
@@ -116,15 +119,21 @@ def load_spec(path: str | os.PathLike, storage: str | None = None, study_name: s
         raise _error(path, f"not valid YAML{where}: {getattr(err, 'problem', err)}") from err
     if not isinstance(data, dict):
         raise _error(path, "expected a mapping with at least fit_config, space and objective")
+    data = _extend(path, data, seen=(path.resolve(),))
     unknown = sorted(set(data) - KNOWN_KEYS)
     if unknown:
         raise _error(path, f"unknown key(s) {unknown}; known keys: {sorted(KNOWN_KEYS)}")
     for key in ("fit_config", "space", "objective"):
         if key not in data:
             raise _error(path, f"missing key {key!r}")
-    fit_config = _resolve(path, data["fit_config"])
-    if not fit_config.is_file():
-        raise _error(path, f"fit_config {data['fit_config']!r} not found (looked for {fit_config})")
+    if fit_config is not None:  # the command line's
+        if not Path(fit_config).is_file():
+            raise SweepError(f"--fit-config {fit_config}: no such file")
+        fit_config = Path(fit_config)
+    else:
+        fit_config = _resolve(path, data["fit_config"])
+        if not fit_config.is_file():
+            raise _error(path, f"fit_config {data['fit_config']!r} not found (looked for {fit_config})")
     space = data["space"] or {}
     if not isinstance(space, dict) or not space:
         raise _error(path, "space is empty: name at least one dotted config path with a distribution")
@@ -176,6 +185,31 @@ def load_spec(path: str | os.PathLike, storage: str | None = None, study_name: s
             raise _error(path, f"{key} must be a mapping with a 'name' (an optuna.{key}s class) and its arguments")
     _check_top_k(spec)
     return spec
+
+
+def _extend(path: Path, data: dict[str, Any], seen: tuple[Path, ...]) -> dict[str, Any]:
+    """`extends: PARENT.yaml`: the parent's keys (its fit_config resolved against the parent's folder),
+    then this file's; `fixed` is merged key by key."""
+    parent_name = data.get("extends")
+    if not parent_name:
+        return data
+    parent_path = _resolve(path, str(parent_name))
+    if not parent_path.is_file():
+        raise _error(path, f"extends {parent_name!r}: no such sweep file (looked for {parent_path})")
+    if parent_path.resolve() in seen:
+        raise _error(path, f"extends {parent_name!r}: a cycle of sweep files")
+    try:
+        parent = yaml.safe_load(parent_path.read_text(encoding="utf8"))
+    except yaml.YAMLError as err:
+        raise _error(parent_path, f"not valid YAML: {getattr(err, 'problem', err)}") from err
+    if not isinstance(parent, dict):
+        raise _error(parent_path, "expected a mapping")
+    parent = _extend(parent_path, parent, seen + (parent_path.resolve(),))
+    if "fit_config" in parent:
+        parent["fit_config"] = str(_resolve(parent_path, str(parent["fit_config"])))
+    merged = {**{k: v for k, v in parent.items() if k != "extends"}, **{k: v for k, v in data.items() if k != "extends"}}
+    merged["fixed"] = {**(parent.get("fixed") or {}), **(data.get("fixed") or {})}
+    return merged
 
 
 def _resolve(path: Path, value: str) -> Path:
