@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup assets system-deps demo demo-report library-demo test clean
+.PHONY: setup assets system-deps demo demo-report library-demo study study-report test clean
 
 setup: $(DEPS_STAMP)
 
@@ -51,6 +51,15 @@ demo-report: assets
 		--config configs/quickstart.yaml --model.adapter.method=lora --model.adapter.match_rank=true --run_name=quickstart-lora
 	$(BIN)/mixlora-lit report --runs runs/quickstart runs/quickstart-lora --out reports/quickstart \
 		--title "Quickstart: MixLoRA vs parameter-matched LoRA (SmolLM2-135M, 120 steps)" --baseline lora
+
+# The Table 2 study (issue 17; sweeps/table2_smollm2/README.md): about 9 hours on a 2-core CPU, resumable
+# (run it again after any interruption), committing each finished run's record under reports/table2_smollm2/.
+study: assets
+	bash sweeps/table2_smollm2/run.sh
+
+# Its report, regenerated from the committed records and study database alone.
+study-report: setup
+	bash sweeps/table2_smollm2/report.sh
 
 library-demo: assets
 	$(BIN)/mixlora-lit demo

@@ -15,7 +15,7 @@ from mixlora_lit.data.tasks import PAPER_ALL, get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 ORACLE_TASKS = ["arc_easy", "boolq", "piqa"]
-PER_TASK = 50
+PER_TASK = 25  # x 3 tasks x 2 models, each compared with lm-eval; 50 took 285 s of the suite
 NEAR_TIE = 1e-3  # log-likelihood gaps this small may order differently between two fp32 computations
 
 
@@ -100,7 +100,7 @@ def _compare_with_lm_eval(cli, data_dir: Path) -> dict:
 @pytest.mark.slow
 def test_cloze_scores_equal_lm_eval_for_the_base_and_after_a_short_cloze_quickstart(oracle_data, tmp_path):
     """The base (a fresh MixLoRA, whose zero B matrices leave SmolLM2 unchanged) through `mixlora-lit test`,
-    then the quickstart shortened and switched to `--data.protocol=cloze`: fp32, 50 test examples of ARC-e,
+    then the quickstart shortened and switched to `--data.protocol=cloze`: fp32, 25 test examples of ARC-e,
     BoolQ and PIQA, each prediction equal to lm-eval's on the same model, apart from near-ties."""
     from mixlora_lit.lightning.cli import run
 
@@ -112,7 +112,7 @@ def test_cloze_scores_equal_lm_eval_for_the_base_and_after_a_short_cloze_quickst
                 f"--trainer.default_root_dir={tmp_path / 'base'}"])
     compared = _compare_with_lm_eval(base, oracle_data)
     print(f"base: examples compared with lm-eval {compared}")
-    assert compared["acc"] >= 140 and compared["acc_norm"] >= 90, compared  # near-ties are rare
+    assert compared["acc"] >= 70 and compared["acc_norm"] >= 45, compared  # near-ties are rare
     trained = run(["fit", f"--config={ROOT / 'configs' / 'quickstart.yaml'}", *common, "--trainer.max_steps=6",
                    "--trainer.val_check_interval=6", "--data.train_cap=16", "--data.dev_cap=8", "--data.batch_size=4",
                    "--validate_at_start=false", "--model.optimizer.warmup_steps=0",
@@ -122,4 +122,4 @@ def test_cloze_scores_equal_lm_eval_for_the_base_and_after_a_short_cloze_quickst
     assert record.val_norm and json.loads(json.dumps(record.test)) == record.test
     compared = _compare_with_lm_eval(trained, oracle_data)
     print(f"trained: examples compared with lm-eval {compared}")
-    assert compared["acc"] >= 140 and compared["acc_norm"] >= 90, compared
+    assert compared["acc"] >= 70 and compared["acc_norm"] >= 45, compared

@@ -325,3 +325,63 @@ def test_report_end_to_end_on_real_runs_and_a_study(tiny_model_dir, prepared_dat
                     f"sqlite:///{tmp_path}/study.db:study", "--out", str(tmp_path / "again"), "--n-resamples", "200"],
                    check=True, cwd=ROOT)
     assert json.loads((tmp_path / "again" / "report.json").read_text())["studies"][0]["name"] == "study"
+
+
+def test_findings_state_the_verdict_per_series_with_the_papers_gap_and_the_cost(tmp_path, capsys):
+    """Two series (like the study's "paper settings" and "tuned"), each compared only within itself, a base
+    row shared by both. Outcomes are built so the verdicts are known: a sure gain over LoRA, no difference
+    from DoRA (identical answers), and in the other series a sure loss."""
+    paper5 = ["arc_easy", "arc_challenge", "boolq", "openbookqa", "piqa"]
+    n = 30
+
+    def answers(pattern):  # the same outcome for every example of every task
+        return {t: [pattern] * n for t in paper5}
+
+    rng = np.random.default_rng(0)
+    mixed = {t: [bool(x) for x in rng.integers(0, 2, n)] for t in paper5}
+    a, b, base = tmp_path / "a", tmp_path / "b", tmp_path / "base"
+    make_run(base, "base", "base", 0, answers(False), trainable=0)
+    for seed in (1, 2):
+        make_run(a, f"mix{seed}", "mixlora", seed, answers(True))
+        make_run(a, f"lora{seed}", "lora", seed, answers(False))
+        make_run(a, f"dora{seed}", "dora", seed, answers(True))
+        make_run(b, f"mix{seed}", "mixlora", seed, mixed)
+        make_run(b, f"lora{seed}", "lora", seed, {t: [True] * n for t in paper5})
+    # training throughput in metrics.csv: examples/s 2, 4 and 8 -> median 4; 8 x 2 examples per step -> 4 s
+    for run_dir in (a / "mix1" / "version_0", a / "mix2" / "version_0"):
+        (run_dir / runs.METRICS).write_text("epoch,step,train/lm_loss,train/examples_per_sec\n0,10,2.0,2.0\n"
+                                            "0,20,1.9,8.0\n0,30,1.8,4.0\n")
+        (run_dir / runs.CONFIG).write_text(yaml.safe_dump({"data": {"batch_size": 8},
+                                                           "trainer": {"accumulate_grad_batches": 2}}))
+    out = tmp_path / "report"
+    assert main(["report", "--runs", f"settings A={a}", f"settings A={base}", f"tuned={b}", f"tuned={base}",
+                 "--out", str(out), "--n-resamples", "2000"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    groups = {g["series"]: g for g in report["groups"]}
+    assert set(groups) == {"settings A", "tuned"}
+    assert set(groups["settings A"]["methods"]) == {"base", "mixlora", "lora", "dora"}
+    assert set(groups["tuned"]["methods"]) == {"base", "mixlora", "lora"}  # compared only within the series
+    found = {(f["series"], f["a"], f["b"]): f for f in report["findings"]}
+    assert set(found) == {("settings A", "mixlora", "lora"), ("settings A", "mixlora", "dora"),
+                          ("tuned", "mixlora", "lora")}
+    gain, same, loss = (found[("settings A", "mixlora", "lora")], found[("settings A", "mixlora", "dora")],
+                        found[("tuned", "mixlora", "lora")])
+    assert gain["diff"] == pytest.approx(1.0) and gain["verdict"] == "gain" and gain["ci_low"] > 0
+    assert same["diff"] == 0 and same["verdict"] == "none" and same["ci_low"] == same["ci_high"] == 0
+    expected_loss = np.mean([np.mean(mixed[t]) for t in paper5]) - 1.0
+    assert loss["diff"] == pytest.approx(expected_loss) and loss["verdict"] == "loss" and loss["ci_high"] < 0
+    assert set(loss["per_task"]) == set(paper5) and all(d < 0 for d in loss["per_task"].values())
+    assert gain["published_gap"] == pytest.approx(0.753 - 0.655) and gain["published_gap_in_ci"] is False
+    assert same["published_gap"] == pytest.approx(0.753 - 0.663) and same["published_gap_in_ci"] is False
+    cost = groups["settings A"]["methods"]["mixlora"]["cost"]
+    assert cost["examples_per_s"] == pytest.approx(4.0) and cost["s_per_step"] == pytest.approx(4.0)
+    assert cost["tokens_per_s"] == pytest.approx(100.0) and cost["n_runs"] == 2
+    assert groups["settings A"]["methods"]["lora"]["cost"]["s_per_step"] is None  # no throughput logged
+    md = (out / "report.md").read_text()
+    assert md.index("## Findings") < md.index("## settings A · tiny")
+    assert "settings A · tiny · protocol paper: mixlora − lora = +100.0 points" in md
+    assert "MixLoRA is better at this scale" in md and "MixLoRA is worse at this scale" in md
+    assert "The paper reports +9.8 (LLaMA-2 7B, Table 2), outside this interval" in md
+    assert "| mixlora | 1,000 | 100.0 | 4.00 | 4.00 | 2 | 2 |" in md  # the cost table
+    html = (out / "report.html").read_text()
+    assert "<h2>Findings</h2>" in html and "MixLoRA is worse at this scale" in html

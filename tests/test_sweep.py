@@ -57,7 +57,7 @@ def write_sweep(tmp_path: Path, fit_config: Path, name: str = "s", **changes) ->
             "storage": f"sqlite:///{tmp_path}/{name}.db", "study_name": name, "runs_dir": str(tmp_path / name)}
     spec.update(changes)
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))  # the space in the order given (grids run in it)
     return path
 
 
@@ -338,7 +338,7 @@ def test_a_grid_runs_every_point_once_in_file_order_and_commits_each_finished_ru
                        objective={"metric": "trainable_params"}, archive=str(archive))
     yaml_spec = yaml.safe_load(path.read_text())
     yaml_spec.pop("n_trials")  # a grid's size is its number of trials
-    path.write_text(yaml.safe_dump(yaml_spec))
+    path.write_text(yaml.safe_dump(yaml_spec, sort_keys=False))
     assert main(["sweep", "run", "--config", str(path), "--commit"]) == 0
     trials = study_of(path).trials
     expected = [{"seed_everything": s, "model.adapter.method": m} for s in (1, 2) for m in ("mixlora", "lora")]
@@ -405,3 +405,63 @@ def test_a_grid_takes_categorical_dimensions_only(fit_config, tmp_path, capsys):
     assert main(["sweep", "run", "--config", str(path)]) == 2
     assert "sampler GridSampler needs categorical dimensions only; ['model.adapter.num_experts', " \
            "'model.adapter.top_k', 'model.optimizer.lr'] are not" in capsys.readouterr().err
+
+
+def test_the_studys_tuning_sweeps_search_the_shipped_spaces_with_one_budget():
+    """Item 3 of the Table 2 study: each method tuned with its shipped sweep's space, objective and sampler,
+    and the same trials, steps, data and seed for all three (`extends` merges `fixed`, replaces the rest)."""
+    budgets = []
+    for method in ("mixlora", "lora", "dora"):
+        shipped = load_spec(ROOT / "sweeps" / f"{method}.yaml")
+        tune = load_spec(ROOT / "sweeps" / "table2_smollm2" / f"tune_{method}.yaml")
+        assert tune.space == shipped.space and tune.objectives == shipped.objectives
+        assert tune.sampler == shipped.sampler and tune.pruner is None
+        assert tune.fit_config.resolve() == (ROOT / "configs" / "studies" / "table2_smollm2.yaml").resolve()
+        assert tune.fixed["model.adapter.method"] == method
+        for key, value in shipped.fixed.items():  # the shipped fixed values stay unless the study sets them
+            assert tune.fixed[key] == value or key in yaml.safe_load(
+                (ROOT / "sweeps" / "table2_smollm2" / f"tune_{method}.yaml").read_text())["fixed"]
+        budgets.append((tune.n_trials, {k: v for k, v in tune.fixed.items()
+                                        if k not in ("model.adapter.method", "model.adapter.match_rank")}))
+    assert budgets[0] == budgets[1] == budgets[2]
+    n_trials, fixed = budgets[0]
+    assert n_trials == 5 and fixed["trainer.max_steps"] == 50 and fixed["data.train_cap"] is None
+    main_grid = load_spec(ROOT / "sweeps" / "table2_smollm2" / "main.yaml")
+    assert main_grid.is_grid and main_grid.n_trials == 18 and main_grid.grid_points()[:3] == [
+        {"data.protocol": "paper", "seed_everything": 1, "model.adapter.method": m} for m in ("mixlora", "lora", "dora")]
+    tuned = load_spec(ROOT / "sweeps" / "table2_smollm2" / "tuned.yaml",
+                      fit_config=ROOT / "sweeps" / "table2_smollm2" / "tuned.yaml")  # any existing file
+    assert tuned.fixed["trainer.max_steps"] == main_grid.fixed["trainer.max_steps"]  # the main runs' budget
+    assert tuned.fixed["data.test_cap"] == 500 and tuned.n_trials == 3
+
+
+def test_extends_reports_a_missing_parent_and_a_cycle(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
+    for name, message in (("a.yaml", "a cycle of sweep files"), ("c.yaml", "extends 'nowhere.yaml': no such sweep file")):
+        assert main(["sweep", "run", "--config", str(tmp_path / name)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_sampled_sweep_continues_its_interrupted_trial_instead_of_drawing_new_settings(fit_config, tmp_path):
+    long = {"trainer.max_steps": 1000, "trainer.val_check_interval": 1000, "checkpoint.every_n_train_steps": 2,
+            "data.train_cap": 1200}
+    path = write_sweep(tmp_path, fit_config, fixed=long, n_trials=1)  # RandomSampler over SPACE
+    worker = subprocess.Popen(sweep_command(path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "s" / "trial_0000" / "version_0" / runs.CHECKPOINTS_DIR / runs.LAST_CHECKPOINT
+    deadline = time.time() + 120
+    while not checkpoint.is_file():
+        assert worker.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=120) == 143
+    stopped_at = torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
+    short = dict(long, **{"trainer.max_steps": stopped_at + 2, "trainer.val_check_interval": stopped_at + 2})
+    path = write_sweep(tmp_path, fit_config, fixed=short, n_trials=1, max_failed_trials=1)
+    assert main(["sweep", "run", "--config", str(path)]) == 0  # the interrupted trial is no failure
+    interrupted, resumed = study_of(path).trials
+    assert interrupted.state == TrialState.FAIL and interrupted.user_attrs["interrupted"]
+    assert resumed.state == TrialState.COMPLETE and resumed.params == interrupted.params
+    assert resumed.user_attrs["resumed_trial"] == 0
+    assert runs.read_record(resumed.user_attrs["run_dir"]).global_step == stopped_at + 2

@@ -163,6 +163,31 @@ COST_HEADER = ["method", "trainable params", "tokens/s (training)", "examples/s"
                "wall time per run (s)", "runs"]
 
 
+STUDY_HEADER = ["trial", "state", "objective", "settings", "trainable params", "load entropy", "dead experts",
+                "largest expert share", "seconds"]
+
+
+def _study_rows(study: dict[str, Any]) -> list[list[str]]:
+    """One row per trial: its settings, objective value, trainable parameters and (MixLoRA) routing health
+    on its last dev pass."""
+    rows = []
+    for t in study["trials"]:
+        attrs, routing = t["user_attrs"], t["user_attrs"].get("routing") or {}
+        settings = ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else
+                             f"{k.rsplit('.', 1)[-1]}={v}" for k, v in t["params"].items())
+        value = "-" if not t["values"] else ", ".join(f"{v:.4g}" for v in t["values"])
+        params = attrs.get("trainable_params")
+
+        def share(key: str) -> str:
+            return "-" if routing.get(key) is None else f"{routing[key]:.3f}"
+
+        rows.append([str(t["number"]), t["state"].lower(), value, settings,
+                     f"{params:,}" if isinstance(params, int) else "-", share("load_entropy"),
+                     share("dead_expert_frac"), share("max_load_share"),
+                     "-" if t["duration_s"] is None else f"{t['duration_s']:.0f}"])
+    return rows
+
+
 def _methods_section(group: Group) -> dict[str, Any]:
     """Base, tasks, caps, protocol, seeds, steps, hardware, wall time, versions and commands, from the records."""
     all_runs = [run for m in group.methods.values() for run in m.runs]
@@ -238,6 +263,10 @@ def build_report(run_paths: list[str], studies: list[str], out: str | Path, titl
                                      "caption": "Objective per trial and the best so far."})
             study["figures"].append({"file": plots.study_parallel(study, figures / f"{slug}_parallel.png").name,
                                      "caption": "Searched parameters against the objective."})
+            settings = plots.study_settings(study, figures / f"{slug}_settings.png")
+            if settings is not None:
+                study["figures"].append({"file": settings.name, "caption": "The objective and (MixLoRA) the dev "
+                                         "load entropy against each searched setting and the trainable parameters."})
         if study["importances"]:
             study["figures"].append({"file": plots.study_importances(study, figures / f"{slug}_importance.png").name,
                                      "caption": "Parameter importances (Optuna's fANOVA)."})
@@ -381,7 +410,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             counts[t["state"]] = counts.get(t["state"], 0) + 1
         out += [f"## Study `{s['name']}`", "", f"Storage `{s['storage']}`, objectives {s['objectives']} "
                 f"({', '.join(s['directions'])}); trials: {json.dumps(counts)}; best trial: {s['best']}; "
-                f"Pareto front: {s['pareto'] or '-'}.", ""]
+                f"Pareto front: {s['pareto'] or '-'}.", "", _md_table(STUDY_HEADER, _study_rows(s)), "",
+                "Load entropy is normalised to 1 for a uniform load; dead experts is the fraction of (layer, expert) "
+                "pairs that received no dev token.", ""]
         for fig in s["figures"]:
             out += [f"![{fig['caption']}](figures/{fig['file']})", "", fig["caption"], ""]
     out += ["## Statistics", "", report["statistics"], ""]
@@ -434,6 +465,8 @@ Not the same scale: compare directions, not values.</p>{% endif %}
 {% for s in report.studies %}<h2>Study <code>{{ s.name }}</code></h2>
 <p>Storage <code>{{ s.storage }}</code>, objectives {{ s.objectives }} ({{ s.directions | join(", ") }});
 {{ s.trials | length }} trials; best trial {{ s.best }}; Pareto front {{ s.pareto }}.</p>
+<table><tr>{% for h in study_header %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in s.rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
 {% for fig in s.figures %}<figure><img alt="{{ fig.caption }}" src="{{ images[fig.file] }}">
 <figcaption>{{ fig.caption }}</figcaption></figure>{% endfor %}{% endfor %}
 <h2>Statistics</h2><pre>{{ report.statistics }}</pre>
@@ -453,6 +486,8 @@ def render_html(report: dict[str, Any], figures: Path) -> str:
         images[item["file"]] = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
     groups = [dict(g, table=_table_rows(g), comparison_rows=_comparison_rows(g), our_scale=_our_scale(g),
                    cost_rows=_cost_rows(g)) for g in report["groups"]]
-    return env.from_string(_HTML).render(report=dict(report, groups=groups), images=images,
+    studies = [dict(s, rows=_study_rows(s)) for s in report["studies"]]
+    return env.from_string(_HTML).render(report=dict(report, groups=groups, studies=studies), images=images,
+                                         study_header=STUDY_HEADER,
                                          comparison_header=COMPARISON_HEADER, cost_header=COST_HEADER,
                                          findings=[finding_text(f) for f in report.get("findings", [])])

@@ -155,3 +155,45 @@ def study_parallel(study: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"study {study['name']}: parallel coordinates (colour: objective, log scale where positive)",
                  fontsize=9)
     return _save(fig, path)
+
+
+def study_settings(study: dict[str, Any], path: Path) -> Path | None:
+    """The objective (top row) and, for MixLoRA trials, the load entropy of the last dev pass (bottom row)
+    against each searched setting and the trainable parameters, one point per complete trial."""
+    trials = [t for t in study["trials"] if t["state"] == "COMPLETE" and t["values"]]
+    if not trials:
+        return None
+    names = sorted({k for t in trials for k in t["params"]})
+    columns = [(n, n.rsplit(".", 1)[-1]) for n in names]
+    if any(t["user_attrs"].get("trainable_params") for t in trials):
+        columns.append(("trainable_params", "trainable params"))
+    has_routing = any((t["user_attrs"].get("routing") or {}).get("load_entropy") is not None for t in trials)
+    rows = [("objective", str((study.get("objectives") or ["objective"])[0]))]
+    if has_routing:
+        rows.append(("load_entropy", "load entropy (dev)"))
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(3.0 * len(columns), 2.6 * len(rows)), squeeze=False)
+    for r, (row_key, row_label) in enumerate(rows):
+        for c, (key, label) in enumerate(columns):
+            ax = axes[r][c]
+            points = []
+            for t in trials:
+                x = t["user_attrs"].get(key) if key == "trainable_params" else t["params"].get(key)
+                y = t["values"][0] if row_key == "objective" else (t["user_attrs"].get("routing") or {}).get(row_key)
+                if x is not None and y is not None:
+                    points.append((x, float(y)))
+            categories = sorted({str(x) for x, _ in points if isinstance(x, (str, bool))})
+            if categories:  # named choices: one position each
+                ax.scatter([categories.index(str(x)) for x, _ in points], [y for _, y in points], s=22)
+                ax.set_xticks(range(len(categories)), categories)
+            else:
+                xs = [float(x) for x, _ in points]
+                ax.scatter(xs, [y for _, y in points], s=22)
+                if xs and min(xs) > 0 and max(xs) / min(xs) >= 8:
+                    ax.set_xscale("log")
+            if r == len(rows) - 1:
+                ax.set_xlabel(label, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(row_label, fontsize=8)
+            ax.tick_params(labelsize=7)
+    fig.suptitle(f"{study['name']}: complete trials", fontsize=10)
+    return _save(fig, path)

@@ -306,6 +306,29 @@ def _counts(study: optuna.Study) -> dict[TrialState, int]:
     return counts
 
 
+def _real_failures(study: optuna.Study) -> int:
+    """Failed trials that count against `max_failed_trials`: not those interrupted by SIGTERM (resumed by the
+    next run) or failed by a heartbeat (retried by Optuna)."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL
+               and t.user_attrs.get("fail_reason") and not t.user_attrs.get("interrupted"))
+
+
+def requeue_interrupted(study: optuna.Study) -> list[int]:
+    """Queue again the settings of trials interrupted by SIGTERM that no later trial has taken up, so that
+    the next trial continues them from their checkpoint instead of the sampler drawing new settings."""
+    trials = study.get_trials(deepcopy=False)
+    queued = []
+    for t in sorted(trials, key=lambda t: -t.number):
+        if t.state != TrialState.FAIL or not t.user_attrs.get("interrupted"):
+            continue
+        if any(o.state != TrialState.FAIL and _trial_params(o) == t.params for o in trials):
+            continue
+        study.enqueue_trial(t.params)
+        trials = study.get_trials(deepcopy=False)
+        queued.append(t.number)
+    return queued
+
+
 def _format_values(trial: optuna.trial.FrozenTrial) -> str:
     if trial.values is None:
         return "-"
@@ -410,7 +433,7 @@ def run_sweep(spec: SweepSpec, echo=print, commit: bool = False) -> optuna.Study
     def done() -> bool:
         counts = _counts(study)
         return (sum(counts[s] for s in FINISHED) >= spec.n_trials
-                or counts[TrialState.FAIL] >= spec.failure_budget and not spec.is_grid)
+                or _real_failures(study) >= spec.failure_budget and not spec.is_grid)
 
     def enqueue() -> bool:
         """Grid studies: queue the next point; False when none is left for this worker."""
@@ -452,6 +475,10 @@ def run_sweep(spec: SweepSpec, echo=print, commit: bool = False) -> optuna.Study
         if child is not None and child.poll() is None:
             child.send_signal(signal.SIGTERM)  # the fit checkpoints and exits; a second SIGTERM is harmless
 
+    if not spec.is_grid:
+        resumed = requeue_interrupted(study)
+        if resumed:
+            echo(f"[sweep] {spec.study_name}: continuing interrupted trial(s) {resumed} from their checkpoints")
     previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
         else None
     try:
@@ -467,9 +494,9 @@ def run_sweep(spec: SweepSpec, echo=print, commit: bool = False) -> optuna.Study
         raise StoppedBySignal(f"(sweep {spec.study_name!r}): the running trial keeps its checkpoint; run the same "
                               f"`sweep run` command to continue")
     counts = _counts(study)
-    if counts[TrialState.FAIL] >= spec.failure_budget and sum(counts[s] for s in FINISHED) < spec.n_trials \
+    if _real_failures(study) >= spec.failure_budget and sum(counts[s] for s in FINISHED) < spec.n_trials \
             and not spec.is_grid:
-        raise SweepError(f"study {spec.study_name!r}: stopped after {counts[TrialState.FAIL]} failed trials "
+        raise SweepError(f"study {spec.study_name!r}: stopped after {_real_failures(study)} failed trials "
                          f"(max_failed_trials={spec.failure_budget}); see `sweep status` and the trials' fit.log")
     return study
 
