@@ -388,8 +388,9 @@ def archive_trial(spec: SweepSpec, trial: optuna.trial.FrozenTrial, commit: bool
     if not commit:
         return f"archived in {spec.archive}"
     params = _format_params(trial.params)
-    outcome = archive.git_commit(written, f"{spec.study_name}: trial {trial.number} {trial.state.name.lower()} "
-                                          f"({params}); compact record and study database")
+    state = "interrupted" if trial.user_attrs.get("interrupted") else trial.state.name.lower()
+    what = "study database" if trial.user_attrs.get("interrupted") else "compact record and study database"
+    outcome = archive.git_commit(written, f"{spec.study_name}: trial {trial.number} {state} ({params}); {what}")
     return f"archived in {spec.archive}, {outcome}"
 
 
