@@ -52,7 +52,7 @@ demo-report: assets
 	$(BIN)/mixlora-lit report --runs runs/quickstart runs/quickstart-lora --out reports/quickstart \
 		--title "Quickstart: MixLoRA vs parameter-matched LoRA (SmolLM2-135M, 120 steps)" --baseline lora
 
-# The Table 2 study (issue 17; sweeps/table2_smollm2/README.md): about 9 hours on a 2-core CPU, resumable
+# The Table 2 study (issue 17; sweeps/table2_smollm2/README.md): about 10 hours on a 2-core CPU, resumable
 # (run it again after any interruption), committing each finished run's record under reports/table2_smollm2/.
 study: assets
 	bash sweeps/table2_smollm2/run.sh

@@ -315,6 +315,8 @@ def test_report_end_to_end_on_real_runs_and_a_study(tiny_model_dir, prepared_dat
     assert all((out / "figures" / f).is_file() for f in figures)
     md = (out / "report.md").read_text()
     assert "paper: mixlora (LLaMA-2 7B)" in md and "## Study `study`" in md
+    best = study["trials"][study["best"]]
+    assert f"- study `study`: 4 complete trial(s); val/avg_acc best {best['values'][0]:.4g} (trial {best['number']}" in md
     assert (out / "report.html").is_file() and any(f.startswith("g0_routing_") for f in figures)
     # The report command needs neither torch nor Lightning, studies included.
     code = ("import runpy, sys; sys.argv = ['mixlora-lit'] + sys.argv[1:]; "

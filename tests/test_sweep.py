@@ -426,7 +426,7 @@ def test_the_studys_tuning_sweeps_search_the_shipped_spaces_with_one_budget():
                                         if k not in ("model.adapter.method", "model.adapter.match_rank")}))
     assert budgets[0] == budgets[1] == budgets[2]
     n_trials, fixed = budgets[0]
-    assert n_trials == 5 and fixed["trainer.max_steps"] == 50 and fixed["data.train_cap"] is None
+    assert n_trials == 4 and fixed["trainer.max_steps"] == 40 and fixed["data.train_cap"] is None
     main_grid = load_spec(ROOT / "sweeps" / "table2_smollm2" / "main.yaml")
     assert main_grid.is_grid and main_grid.n_trials == 18 and main_grid.grid_points()[:3] == [
         {"data.protocol": "paper", "seed_everything": 1, "model.adapter.method": m} for m in ("mixlora", "lora", "dora")]

@@ -131,6 +131,26 @@ def findings(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def study_finding(study: dict[str, Any]) -> str | None:
+    """One line per study: how many trials finished, the best and the worst objective with their settings."""
+    complete = [t for t in study["trials"] if t["state"] == "COMPLETE" and t["values"]]
+    if not complete or len(study["directions"]) != 1:
+        return None
+    sign = 1 if study["directions"][0] == "maximize" else -1
+    ranked = sorted(complete, key=lambda t: sign * t["values"][0], reverse=True)
+
+    def shown(t: dict[str, Any]) -> str:
+        settings = ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                             for k, v in t["params"].items())
+        return f"{t['values'][0]:.4g} (trial {t['number']}: {settings})"
+
+    metric = (study.get("objectives") or ["objective"])[0]
+    text = f"study `{study['name']}`: {len(complete)} complete trial(s); {metric} best {shown(ranked[0])}"
+    if len(ranked) > 1:
+        text += f", worst {shown(ranked[-1])}"
+    return text + (" (dev split, one seed per setting)." if str(metric).startswith("val/") else ".")
+
+
 def finding_text(f: dict[str, Any]) -> str:
     where = " · ".join(x for x in (f["series"], f["base"], f"protocol {f['protocol']}") if x)
     losses = [f"{t} {100 * d:+.1f}" for t, d in f["per_task"].items() if d < 0]
@@ -366,18 +386,28 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _baseline_name(report: dict[str, Any], g: dict[str, Any], code: bool = True) -> str:
+    if g["baseline"]:
+        return f"`{g['baseline']}`" if code else g["baseline"]
+    return f"{report['baseline']} (no such run in this group yet)"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     out = [f"# {report['title']}", "", f"Generated {report['created']} by `{report['command']}`. Units: {report['units']}.",
            ""]
-    if report.get("findings"):
+    sweeps = [line for line in (study_finding(s) for s in report["studies"]) if line]
+    if report.get("findings") or sweeps:
         out += ["## Findings", "", "MixLoRA against LoRA and DoRA, test accuracy averaged over the tasks "
                 "(verdicts from the paired 95% CI; details, per-task tables and the methods of each group below):", ""]
         out += [f"- {_md(finding_text(f))}" for f in report["findings"]] + [""]
+        if sweeps:
+            out += ["Sweeps:", ""] + [f"- {_md(line)}" for line in sweeps] + [""]
     for i, g in enumerate(report["groups"]):
         series = f"{_md(g['series'])} · " if g.get("series") else ""
         out += [f"## {series}{_md(g['base'])} · protocol {_md(g['protocol'])} · {g['kind']} · {_md(', '.join(g['tasks']))}", "",
                 f"{g['split']} accuracy (%), mean ± std over seeds; the last column is the difference of the "
-                f"average to the baseline `{g['baseline']}` with its paired bootstrap 95% CI and permutation p-value.",
+                f"average to the baseline {_baseline_name(report, g)} with its paired bootstrap 95% CI and "
+                f"permutation p-value.",
                 "", _md_table(*_table_rows(g)), ""]
         if g.get("published"):
             out += [f"Paper rows: {g['published']['source']}, {g['published']['scale']}. Ours: {_our_scale(g)}. "
@@ -431,12 +461,13 @@ code{background:#f4f4f4;padding:1px 3px}
 </style></head><body>
 <h1>{{ report.title }}</h1>
 <p>Generated {{ report.created }} by <code>{{ report.command }}</code>. Units: {{ report.units }}.</p>
-{% if findings %}<h2>Findings</h2><p>MixLoRA against LoRA and DoRA, test accuracy averaged over the tasks (verdicts
-from the paired 95% CI; details below):</p><ul>{% for f in findings %}<li>{{ f }}</li>{% endfor %}</ul>{% endif %}
+{% if findings or sweep_findings %}<h2>Findings</h2><p>MixLoRA against LoRA and DoRA, test accuracy averaged over the
+tasks (verdicts from the paired 95% CI; details below):</p><ul>{% for f in findings %}<li>{{ f }}</li>{% endfor %}</ul>
+{% if sweep_findings %}<p>Sweeps:</p><ul>{% for f in sweep_findings %}<li>{{ f }}</li>{% endfor %}</ul>{% endif %}{% endif %}
 {% for g in report.groups %}
 <h2>{% if g.series %}{{ g.series }} · {% endif %}{{ g.base }} · protocol <code>{{ g.protocol }}</code> · {{ g.kind }} · {{ g.tasks | join(", ") }}</h2>
 <p>{{ g.split }} accuracy (%), mean ± std over seeds; the last column is the difference of the average to the
-baseline <code>{{ g.baseline }}</code> with its paired bootstrap 95% CI and permutation p-value.</p>
+baseline {{ g.baseline_name }} with its paired bootstrap 95% CI and permutation p-value.</p>
 <table class="main"><tr>{% for h in g.table[0] %}<th>{{ h }}</th>{% endfor %}</tr>
 {% for row in g.table[1] %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
 {% if g.published %}<p>Paper rows: {{ g.published.source }}, {{ g.published.scale }}. Ours: {{ g.our_scale }}.
@@ -485,9 +516,11 @@ def render_html(report: dict[str, Any], figures: Path) -> str:
         data = (figures / item["file"]).read_bytes()
         images[item["file"]] = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
     groups = [dict(g, table=_table_rows(g), comparison_rows=_comparison_rows(g), our_scale=_our_scale(g),
-                   cost_rows=_cost_rows(g)) for g in report["groups"]]
+                   cost_rows=_cost_rows(g), baseline_name=_baseline_name(report, g, code=False))
+              for g in report["groups"]]
     studies = [dict(s, rows=_study_rows(s)) for s in report["studies"]]
     return env.from_string(_HTML).render(report=dict(report, groups=groups, studies=studies), images=images,
                                          study_header=STUDY_HEADER,
                                          comparison_header=COMPARISON_HEADER, cost_header=COST_HEADER,
-                                         findings=[finding_text(f) for f in report.get("findings", [])])
+                                         findings=[finding_text(f) for f in report.get("findings", [])],
+                                         sweep_findings=[x for x in (study_finding(s) for s in report["studies"]) if x])

@@ -80,7 +80,11 @@ def training_curves(curves: dict[str, list[dict[str, float]]], path: Path, title
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7)
+        if not ax.lines:  # e.g. runs without a dev pass
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+    labelled = next((ax for ax in axes if ax.lines), None)
+    if labelled is not None:
+        labelled.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
