@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapter", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override adapter settings of the config (YAML values), e.g. lora_dropout=0 "
                         "target_modules=[gate_proj,up_proj,down_proj]")
+    p.add_argument("--base", default=None, help="base model instead of the config's model.base")
+    p.add_argument("--data-dir", default=None, help="prepared data (default: the config's, else the mixlora-lit cache)")
     p.add_argument("--batches", type=int, default=12, help="timed batches (the first ones of the training loader)")
     p.add_argument("--warmup", type=int, default=3, help="batches run before timing (not counted)")
     p.add_argument("--rounds", type=int, default=2, help="passes over the timed batches")
@@ -133,6 +135,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     model_section, data_section = load_sections(args.config)
     model_section = apply_overrides(model_section, args.adapter)
+    if args.base:
+        model_section["base"] = args.base
+    if args.data_dir:
+        data_section = {**data_section, "data_dir": args.data_dir}
     batches = training_batches(data_section, args.warmup + args.batches)
     warm, timed = batches[:args.warmup], batches[args.warmup:]
     real_tokens = sum(int(b["attention_mask"].sum()) for b in timed)
@@ -165,6 +171,7 @@ def main(argv=None) -> dict:
         print(f"round {round_ + 1}/{args.rounds}: " + ", ".join(f"{m} {round_time[m]:.2f}s" for m in args.methods),
               flush=True)
     results = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "markdown", "profile")},
+               "base": model_section.get("base", "smollm2-135m"),
                "torch": torch.__version__, "allocator_tuned": allocator_tuned, "lora_rank": rank,
                "batch_shapes": shapes, "real_tokens_per_pass": real_tokens, "padded_tokens_per_pass": padded_tokens,
                "methods": {}}
@@ -202,7 +209,7 @@ def main(argv=None) -> dict:
 
 def markdown(results: dict) -> str:
     s = results["settings"]
-    lines = [f"quickstart training batches ({os.path.relpath(s['config'], REPO)}): {len(results['batch_shapes'])} "
+    lines = [f"{results['base']}, training batches of {os.path.relpath(s['config'], REPO)}: {len(results['batch_shapes'])} "
              f"batches, {results['real_tokens_per_pass']} real tokens in {results['padded_tokens_per_pass']} "
              f"positions per pass, shapes {sorted(set(results['batch_shapes']))}; training loss at supervised "
              f"positions; {s['threads']} threads; median of {s['rounds']} interleaved passes after {s['warmup']} "

@@ -245,7 +245,7 @@ class FusedLoraExperts(torch.autograd.Function):
         ctx.plan = plan
         ctx.lows_gu, ctx.lows_d = lows_gu, lows_d
         ctx.param_dtypes = [p.dtype for p in params]
-        ctx.save_for_backward(x, g, u, weights, dropped, *stacks)
+        ctx.save_for_backward(xs, g, u, weights, dropped, *stacks)  # xs: the gathered x, not gathered again
         return h_sum, lora_sum
 
     @staticmethod
@@ -257,7 +257,7 @@ class FusedLoraExperts(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_h_sum: torch.Tensor, grad_lora_sum: torch.Tensor):
         plan: ExpertPlan = ctx.plan
-        x, g, u, weights, dropped, a_gu, b_g, b_u, a_d, b_d = ctx.saved_tensors
+        xs, g, u, weights, dropped, a_gu, b_g, b_u, a_d, b_d = ctx.saved_tensors
         dtype = g.dtype
         s_gate, s_up, s_down = plan.scalings
         groups = plan.groups()
@@ -296,7 +296,6 @@ class FusedLoraExperts(torch.autograd.Function):
             grad_h.view(-1).index_copy_(0, dropped, w2_grad)
         grad_u = grad_h * act.detach()
         (grad_g,) = torch.autograd.grad(act, g_leaf, grad_h.mul_(u))
-        xs = rows(x, plan.layout.tokens)
         grad_xs = torch.empty_like(xs)
         grad_xs[xs.shape[0] - plan.frozen_rows:].zero_()
         r = plan.rank
