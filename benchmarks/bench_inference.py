@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_step import apply_malloc_setting, write_outputs  # noqa: E402
+from bench_step import apply_malloc_setting, emit  # noqa: E402
 
 MODELS = ("base", "mixlora", "merged")
 
@@ -122,10 +122,7 @@ def main(argv=None) -> dict:
     results["mixlora_vs_base_eval_time"] = m["mixlora"]["eval_s"] / m["base"]["eval_s"]
     results["merged_same_generations"] = bool(torch.equal(outputs["merged"][1], outputs["mixlora"][1]))
     results["merged_same_label_token_acc"] = outputs["merged"][0] == outputs["mixlora"][0]
-    table = markdown(results)
-    print(table)
-    write_outputs(results, table, args.json, args.markdown)
-    return results
+    return emit(results, markdown(results), args)
 
 
 def markdown(results: dict) -> str:

@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the per-process peak-memory runs")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--markdown", default=None, help="write a Markdown table here")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also write each method's per-operator profile of --profile-steps steps to DIR/step_<method>.txt")
+    p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--_memory-of", dest="memory_of", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -81,7 +84,9 @@ def build(method: str, args: argparse.Namespace):
         model, params = reference_code_model(model, args)
     elif method == "lora":
         model = get_lora_model(model, args.lora_rank, 2 * args.lora_rank, args.dropout)
-    elif method != "base":
+    elif method == "base":  # frozen: the backward computes input gradients only, as under any adapter
+        model.requires_grad_(False)
+    else:
         model = get_mixlora_model(model, _mixlora_config(args))
         model.set_execution_path("reference" if method == "reference" else "fused")
         model.set_recompute_experts(method == "fused_recompute")
@@ -256,10 +261,39 @@ def main(argv=None) -> dict:
     results["peak_mem_ratio_vs_reference_code"] = ratio("fused", "reference_code", "peak_rss_mb")
     results["compiled_step_ratio_vs_lora_compiled"] = ratio("fused_compiled", "lora_compiled")
     results["compiled_step_ratio_vs_fused"] = ratio("fused_compiled", "fused")
-    table = markdown(results)
+    if args.profile:
+        for method in args.methods:
+            write_profile(os.path.join(args.profile, f"step_{method}.txt"), steps[method],
+                          [ids] * args.profile_steps,
+                          f"{method}, {args.base} {args.dtype}, batch {args.batch} x {args.seq}, full-sequence LM loss, "
+                          f"{args.threads} threads, {args.profile_steps} steps")
+    return emit(results, markdown(results), args)
+
+
+def emit(results: dict, table: str, args: argparse.Namespace) -> dict:
+    """Print the Markdown table and write the figures where --json / --markdown ask; the results back."""
     print(table)
     write_outputs(results, table, args.json, args.markdown)
     return results
+
+
+def write_profile(path: str, step, inputs: list, title: str, rows: int = 40) -> None:
+    """Profile step(x) for each x in inputs (torch.profiler, CPU) and write the per-operator table,
+    sorted by self CPU time, with the total wall time of the profiled steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for x in inputs:
+            step(x)
+        wall = time.perf_counter() - start
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(f"{title}; torch {torch.__version__}; profiled wall time {wall:.2f} s "
+                 f"(the profiler adds its own overhead)\n\n{table}\n")
+    print(f"profile: {path}", flush=True)
 
 
 def apply_malloc_setting(setting: str) -> bool:

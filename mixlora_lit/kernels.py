@@ -83,18 +83,32 @@ class ExpertLayout:
     routing changes the block sizes at every step. Padding rows copy token 0 and carry routing
     weight 0: no output reads them, and every gradient through them is multiplied by that 0.
 
+    With `uniform_bucket` > 0, every adapted expert's block gets the same size instead (the largest
+    count rounded up to `uniform_bucket`) whenever that adds at most `uniform_waste` (a fraction)
+    to the padded rows: all experts then run as one batched matmul (`torch.bmm` over [E, rows, .])
+    instead of one matmul each, which removes most of the per-call cost when blocks are small.
+    Near-balanced routing pads little either way; a skewed routing keeps per-expert blocks.
+
     Fields: `tokens` [rows] the token of each row; `inv` [T*k] the row of assignment t*k + j;
     `source` [rows] the assignment of each row (T*k on padding rows); `counts` and `capacities`
-    per block (real rows, rows with padding).
+    per block (real rows, rows with padding); `uniform` whether the adapted blocks share one size.
     """
 
-    def __init__(self, flat_experts: torch.Tensor, num_experts: int, k: int, bucket: int = 1) -> None:
+    def __init__(self, flat_experts: torch.Tensor, num_experts: int, k: int, bucket: int = 1,
+                 uniform_bucket: int = 0, uniform_waste: float = 0.1) -> None:
         num = flat_experts.numel()
         order = torch.argsort(flat_experts, stable=True)
         counts = torch.bincount(flat_experts, minlength=num_experts + 1)
         self.k = k
+        self.num_adapted = num_experts
         self.counts: list[int] = counts.tolist()
         self.capacities = [-(-n // bucket) * bucket if e < num_experts else n for e, n in enumerate(self.counts)]
+        self.uniform = False
+        if uniform_bucket > 0 and num_experts > 1:
+            size = -(-max(self.counts[:num_experts]) // uniform_bucket) * uniform_bucket
+            if size * num_experts <= (1 + uniform_waste) * sum(self.capacities[:num_experts]):
+                self.capacities[:num_experts] = [size] * num_experts
+                self.uniform = True
         self.num_rows = sum(self.capacities)
         device = flat_experts.device
         row_of_sorted = torch.arange(num, device=device)  # row of the i-th assignment in sorted order
@@ -117,13 +131,19 @@ class ExpertLayout:
             flat = torch.cat([flat, flat.new_zeros(1)])
         return flat[self.source].unsqueeze(1)
 
-    def blocks(self, num_adapted: int):
-        """(expert, row slice with padding) of every non-empty adapted expert's block."""
-        start = 0
-        for e, (n, cap) in enumerate(zip(self.counts, self.capacities)):
-            if n and e < num_adapted:
-                yield e, slice(start, start + cap)
+    def groups(self) -> list[tuple[int, int, slice, int]]:
+        """The adapted experts' blocks as (first expert, last expert + 1, rows, rows per expert) groups
+        of equal-size consecutive blocks, each run as one batched matmul: one group of all experts
+        when the layout is uniform, else one group per non-empty expert."""
+        if self.uniform:
+            size = self.capacities[0]
+            return [(0, self.num_adapted, slice(0, size * self.num_adapted), size)] if size else []
+        out, start = [], 0
+        for e, (n, cap) in enumerate(zip(self.counts[:self.num_adapted], self.capacities)):
+            if n:
+                out.append((e, e + 1, slice(start, start + cap), cap))
             start += cap
+        return out
 
 
 class ExpertPlan:
@@ -131,6 +151,8 @@ class ExpertPlan:
 
     def __init__(self, layout: ExpertLayout, num_adapted: int, rank: int, scalings: tuple[float, float, float],
                  dropout_threshold: int, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if layout.num_adapted != num_adapted:
+            raise ValueError(f"the layout has {layout.num_adapted} adapted experts, the plan {num_adapted}")
         self.layout = layout
         self.num_adapted = num_adapted  # experts with adapters; a last block (index E) runs the frozen FFN
         self.rank = rank
@@ -143,9 +165,25 @@ class ExpertPlan:
         """Rows of the frozen-FFN block, which comes last."""
         return sum(self.layout.counts[self.num_adapted:])
 
-    def blocks(self):
-        """(expert, row slice) of every non-empty block of adapted experts (padding included)."""
-        return self.layout.blocks(self.num_adapted)
+    def groups(self) -> list[tuple[int, int, slice, int]]:
+        return self.layout.groups()
+
+    def stacked_weights(self, params: tuple[torch.Tensor, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+        """The experts' LoRA weights stacked over experts and cast to `dtype` once per call:
+        A_gate and A_up side by side [E, 2r, in], B_gate [E, F, r], B_up [E, F, r],
+        A_down [E, r, F] with the dropout's 1 / (1 - p) folded in, B_down [E, H, r]."""
+        e, r = self.num_adapted, self.rank
+        a_gu = torch.cat([w for i in range(e) for w in (params[6 * i], params[6 * i + 2])]).to(dtype)
+        stacks = [a_gu.view(e, 2 * r, -1)] + [torch.stack(params[j::6]).to(dtype) for j in (1, 3, 4, 5)]
+        scale = keep_scale(self.dropout_threshold)
+        if scale != 1.0:
+            stacks[3].mul_(scale)  # a new tensor (torch.stack), never a parameter
+        return stacks
+
+
+def _bmm_view(t: torch.Tensor, rows: slice, experts: int, size: int) -> torch.Tensor:
+    """Rows `rows` of a [rows, n] tensor as [experts, size, n] (a view)."""
+    return t[rows].view(experts, size, t.shape[-1])
 
 
 class FusedLoraExperts(torch.autograd.Function):
@@ -160,7 +198,9 @@ class FusedLoraExperts(torch.autograd.Function):
 
     Autograd would keep about six [T*k, F] tensors per layer (gate, act, up, h, the dropout mask
     and the dropped h); this keeps the adapted gate and up and the dropped positions, and recomputes the
-    rest in backward. It also replaces ~60 small autograd nodes per expert with one.
+    rest in backward. It also replaces ~60 small autograd nodes per expert with one. The weights are
+    cast once per call, stacked over experts, and each group of equal-size expert blocks (see
+    `ExpertLayout.groups`) runs as one batched matmul per product.
     """
 
     @staticmethod
@@ -168,16 +208,18 @@ class FusedLoraExperts(torch.autograd.Function):
                 plan: ExpertPlan, *params: torch.Tensor):
         dtype, r = gate_base.dtype, plan.rank
         s_gate, s_up, s_down = plan.scalings
+        a_gu, b_g, b_u, a_d, b_d = stacks = plan.stacked_weights(params, dtype)
         xs = rows(x, plan.layout.tokens)
         g = rows(gate_base, plan.layout.tokens)
         u = rows(up_base, plan.layout.tokens)
-        lows_gu: dict[int, torch.Tensor] = {}
-        for e, sl in plan.blocks():
-            a_g, b_g, a_u, b_u = (p.to(dtype) for p in params[6 * e:6 * e + 4])
-            low = xs[sl] @ torch.cat([a_g, a_u]).t()  # [n, 2r]
-            g[sl].addmm_(low[:, :r], b_g.t(), alpha=s_gate)
-            u[sl].addmm_(low[:, r:], b_u.t(), alpha=s_up)
-            lows_gu[e] = low
+        groups = plan.groups()
+        lows_gu = []
+        for e0, e1, sl, size in groups:
+            n = e1 - e0
+            low = torch.bmm(_bmm_view(xs, sl, n, size), a_gu[e0:e1].transpose(1, 2))  # [n, size, 2r]
+            _bmm_view(g, sl, n, size).baddbmm_(low[..., :r], b_g[e0:e1].transpose(1, 2), alpha=s_gate)
+            _bmm_view(u, sl, n, size).baddbmm_(low[..., r:], b_u[e0:e1].transpose(1, 2), alpha=s_up)
+            lows_gu.append(low)
         h = plan.act_fn(g).mul_(u)
         w = weights.to(dtype)
         # Dropout of the down LoRA's input: zero the dropped positions of h for the A_down matmuls
@@ -188,14 +230,13 @@ class FusedLoraExperts(torch.autograd.Function):
             h.view(-1).index_fill_(0, dropped, 0)
         lora_out = torch.empty(h.shape[0], x.shape[1], dtype=dtype, device=x.device)
         lora_out[h.shape[0] - plan.frozen_rows:].zero_()  # the frozen-FFN block has no down LoRA
-        lows_d: dict[int, torch.Tensor] = {}
-        scale = keep_scale(plan.dropout_threshold)
-        for e, sl in plan.blocks():
-            a_d, b_d = (p.to(dtype) for p in params[6 * e + 4:6 * e + 6])
+        lows_d = []
+        for e0, e1, sl, size in groups:
+            n = e1 - e0
             # The dropout's 1 / (1 - p) (1 without dropout) is folded into the small A matrix.
-            low = h[sl] @ (a_d * scale).t()  # [n, r]
-            torch.mm(low, b_d.t(), out=lora_out[sl])
-            lows_d[e] = low
+            low = torch.bmm(_bmm_view(h, sl, n, size), a_d[e0:e1].transpose(1, 2))  # [n, size, r]
+            torch.bmm(low, b_d[e0:e1].transpose(1, 2), out=_bmm_view(lora_out, sl, n, size))
+            lows_d.append(low)
         if dropped is not None:
             h.view(-1).index_copy_(0, dropped, dropped_values)  # repeated positions carry equal values
         lora_out.mul_(w * s_down)
@@ -203,7 +244,8 @@ class FusedLoraExperts(torch.autograd.Function):
         lora_sum = rows_summed(lora_out, plan.layout.inv, plan.layout.k)
         ctx.plan = plan
         ctx.lows_gu, ctx.lows_d = lows_gu, lows_d
-        ctx.save_for_backward(x, g, u, weights, dropped, *params)
+        ctx.param_dtypes = [p.dtype for p in params]
+        ctx.save_for_backward(xs, g, u, weights, dropped, *stacks)  # xs: the gathered x, not gathered again
         return h_sum, lora_sum
 
     @staticmethod
@@ -215,9 +257,10 @@ class FusedLoraExperts(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_h_sum: torch.Tensor, grad_lora_sum: torch.Tensor):
         plan: ExpertPlan = ctx.plan
-        x, g, u, weights, dropped, *params = ctx.saved_tensors
+        xs, g, u, weights, dropped, a_gu, b_g, b_u, a_d, b_d = ctx.saved_tensors
         dtype = g.dtype
         s_gate, s_up, s_down = plan.scalings
+        groups = plan.groups()
         w = weights.to(dtype)
         # d loss / d (w h) and d loss / d lora_out per row (padding rows: their weight 0 stops them below)
         grad_hw = rows(grad_h_sum.to(dtype), plan.layout.tokens)
@@ -234,43 +277,46 @@ class FusedLoraExperts(torch.autograd.Function):
             # LoRA path's additions below; h becomes the dropped input of A_down (h is not used again).
             w2_grad = grad_h.view(-1)[dropped]
             h.view(-1).index_fill_(0, dropped, 0)
-        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        # Weight gradients per expert, stacked like the weights ([E, ...], in the compute dtype).
+        grad_a_gu, grad_b_g, grad_b_u, grad_a_d, grad_b_d = (torch.empty_like(t) for t in (a_gu, b_g, b_u, a_d, b_d))
         scale = keep_scale(plan.dropout_threshold)
-        for e, sl in plan.blocks():
-            a_d, b_d = (p.to(dtype) for p in params[6 * e + 4:6 * e + 6])
-            low = ctx.lows_d[e]
-            t = grad_lora[sl] @ b_d  # [n, r]: d loss / d low, before the per-row weight
-            grad_w[sl] += (t * low).sum(dim=1, keepdim=True, dtype=acc) * s_down
-            row_scale = w[sl] * s_down  # [n, 1]
+        for (e0, e1, sl, size), low in zip(groups, ctx.lows_d):
+            n = e1 - e0
+            g_lora = _bmm_view(grad_lora, sl, n, size)
+            t = torch.bmm(g_lora, b_d[e0:e1])  # [n, size, r]: d loss / d low, before the per-row weight
+            grad_w[sl] += (t * low).sum(dim=2, dtype=acc).view(-1, 1) * s_down
+            row_scale = _bmm_view(w, sl, n, size) * s_down  # [n, size, 1]
             grad_low = t.mul_(row_scale)
-            grad_b_d = grad_lora[sl].t() @ (low * row_scale)  # scales [n, r], not [n, H]
-            grad_a_d = (grad_low.t() @ h[sl]).mul_(scale)
-            grad_h[sl].addmm_(grad_low, a_d * scale)
-            grad_params[6 * e + 4] = grad_a_d.to(params[6 * e + 4].dtype)
-            grad_params[6 * e + 5] = grad_b_d.to(params[6 * e + 5].dtype)
+            torch.bmm(g_lora.transpose(1, 2), low * row_scale, out=grad_b_d[e0:e1])  # scales [., r], not [., H]
+            torch.bmm(grad_low.transpose(1, 2), _bmm_view(h, sl, n, size), out=grad_a_d[e0:e1])
+            _bmm_view(grad_h, sl, n, size).baddbmm_(grad_low, a_d[e0:e1])  # a_d holds the 1 / (1 - p)
+        if scale != 1.0:
+            grad_a_d.mul_(scale)
         if dropped is not None:
             grad_h.view(-1).index_copy_(0, dropped, w2_grad)
         grad_u = grad_h * act.detach()
         (grad_g,) = torch.autograd.grad(act, g_leaf, grad_h.mul_(u))
-        xs = rows(x, plan.layout.tokens)
         grad_xs = torch.empty_like(xs)
         grad_xs[xs.shape[0] - plan.frozen_rows:].zero_()
-        for e, sl in plan.blocks():
-            a_g, b_g, a_u, b_u = (p.to(dtype) for p in params[6 * e:6 * e + 4])
-            low = ctx.lows_gu[e]
-            r = low.shape[1] // 2
-            gg, gu = grad_g[sl], grad_u[sl]
-            grad_low = torch.cat([gg @ b_g, gu @ b_u], dim=1)
-            grad_low[:, :r] *= s_gate
-            grad_low[:, r:] *= s_up
-            grad_a = grad_low.t() @ xs[sl]
-            torch.mm(grad_low, torch.cat([a_g, a_u]), out=grad_xs[sl])
-            grad_params[6 * e] = grad_a[:r].to(params[6 * e].dtype)
-            grad_params[6 * e + 1] = (gg.t() @ low[:, :r]).mul_(s_gate).to(params[6 * e + 1].dtype)
-            grad_params[6 * e + 2] = grad_a[r:].to(params[6 * e + 2].dtype)
-            grad_params[6 * e + 3] = (gu.t() @ low[:, r:]).mul_(s_up).to(params[6 * e + 3].dtype)
+        r = plan.rank
+        for (e0, e1, sl, size), low in zip(groups, ctx.lows_gu):
+            n = e1 - e0
+            gg, gu = _bmm_view(grad_g, sl, n, size), _bmm_view(grad_u, sl, n, size)
+            grad_low = torch.cat([torch.bmm(gg, b_g[e0:e1]).mul_(s_gate), torch.bmm(gu, b_u[e0:e1]).mul_(s_up)], dim=2)
+            torch.bmm(grad_low.transpose(1, 2), _bmm_view(xs, sl, n, size), out=grad_a_gu[e0:e1])
+            torch.bmm(grad_low, a_gu[e0:e1], out=_bmm_view(grad_xs, sl, n, size))
+            torch.bmm(gg.transpose(1, 2), low[..., :r], out=grad_b_g[e0:e1])
+            torch.bmm(gu.transpose(1, 2), low[..., r:], out=grad_b_u[e0:e1])
+        grad_b_g.mul_(s_gate)
+        grad_b_u.mul_(s_up)
         grad_x = rows_summed(grad_xs, plan.layout.inv, plan.layout.k)
         grad_gate = rows_summed(grad_g, plan.layout.inv, plan.layout.k)
         grad_up = rows_summed(grad_u, plan.layout.inv, plan.layout.k)
+        # Experts that got no rows get no gradient (None), as if they had not run.
+        grad_params: list[torch.Tensor | None] = [None] * len(ctx.param_dtypes)
+        stacks = [t.to(ctx.param_dtypes[0]) for t in (grad_a_gu, grad_b_g, grad_b_u, grad_a_d, grad_b_d)]
+        for e, count in enumerate(plan.layout.counts[:plan.num_adapted]):
+            if count:
+                ga, gbg, gbu, gad, gbd = (s[e] for s in stacks)
+                grad_params[6 * e:6 * e + 6] = [ga[:r], gbg, ga[r:], gbu, gad, gbd]
         return (grad_x, grad_gate, grad_up, grad_w.to(weights.dtype), None, *grad_params)
-

@@ -52,6 +52,21 @@ def dropped_positions(numel: int, threshold: int, device: torch.device) -> torch
     return torch.nonzero(~dropout_keep_mask((numel,), threshold, device)).squeeze(1)
 
 
+def weight_cache(owner: nn.Module, attr: str, params: tuple[torch.Tensor, ...] | list[torch.Tensor],
+                 dtype: torch.dtype, build):
+    """`build()`, remembered on `owner` until any of `params` changes (an optimizer step, a load,
+    a move) or `dtype` differs. For forwards without autograd (evaluation, generation), where the
+    casts and concatenations of small adapter weights would otherwise repeat at every call."""
+    key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+    cached = owner.__dict__.get(attr)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        value = build()
+    owner.__dict__[attr] = (key, value)
+    return value
+
+
 def keep_scale(threshold: int) -> float:
     """Inverted dropout's 1 / (1 - p) for a drop threshold out of 2**16."""
     return 65536.0 / (65536 - threshold) if threshold < 65536 else 0.0
@@ -132,6 +147,9 @@ class LoraAdapter(nn.Module):
         a bf16 activation to fp32 costs more than the LoRA matmuls themselves, and bf16 matmuls are fast
         on these CPUs and on GPUs. Gradients still accumulate into the fp32 weights.
         """
+        if not torch.is_grad_enabled() and not (isinstance(self.lora_dropout, FastDropout) and self.lora_dropout.active):
+            a, b = self.inference_weights(x.dtype)
+            return F.linear(F.linear(x, a), b)
         a, b = self.lora_A.weight, self.lora_B.weight
         if a.dtype != x.dtype:
             a, b = a.to(x.dtype), b.to(x.dtype)
@@ -140,6 +158,12 @@ class LoraAdapter(nn.Module):
         if isinstance(self.lora_dropout, FastDropout) and self.lora_dropout.active:
             x, a = self.lora_dropout.zero_dropped(x), a * self.lora_dropout.keep_scale
         return F.linear(F.linear(x, a), b * self.scaling)
+
+    def inference_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, scaling * B) in `dtype`, for forwards without autograd, cached until the weights change."""
+        params = (self.lora_A.weight, self.lora_B.weight)
+        return weight_cache(self, "_inference_weights", params, dtype,
+                            lambda: (params[0].to(dtype), params[1].to(dtype) * self.scaling))
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling

@@ -26,7 +26,7 @@ from transformers.activations import ACT2FN
 
 from .config import FFN_TARGETS, MixLoraConfig
 from .kernels import ExpertLayout, ExpertPlan, FusedLoraExperts, RowGather, RowSum, compute_dtype
-from .lora import FastDropout, LoraAdapter
+from .lora import FastDropout, LoraAdapter, weight_cache
 from .routers import Routing, SwitchRouter, TopKRouter
 from .errors import UserError
 
@@ -72,8 +72,15 @@ class MixLoraMoeFFN(nn.Module):
         # Without autograd (evaluation, generation), run every expert's low-rank product densely
         # and mask: no sorting, gathers or per-expert loop, which dominate at inference batch sizes.
         self.dense_inference = True
+        # ... up to this many (token, expert) rows: beyond, the dense products' E-fold work on every row
+        # costs more than the sorted path's gathers (measured on CPU: the sorted path wins from about
+        # 200 tokens at top-2 on SmolLM2's FFN; `benchmarks/README.md`).
+        self.dense_inference_max_rows = 384
         # Pad each expert's rows to a multiple of this in the LoRA-experts kernel (see ExpertLayout).
         self.row_bucket = 64
+        # When giving every expert the same block size (the largest count rounded up to this) costs
+        # little padding, the kernel runs all experts as one batched matmul (see ExpertLayout). 0: never.
+        self.uniform_bucket = 16
         act = getattr(mlp, "act_fn", None)
         if act is None:
             if config.act_fn is None:
@@ -125,13 +132,14 @@ class MixLoraMoeFFN(nn.Module):
         self.last_routing = routing
         paths = {"reference": self._forward_reference, "dense_inference": self._forward_dense_inference,
                  "fused_recompute": self._forward_fused_recompute, "fused": self._forward_fused}
-        return paths[self.current_path()](x, routing).reshape(shape)
+        return paths[self.current_path(routing.experts.numel())](x, routing).reshape(shape)
 
-    def current_path(self) -> str:
-        """The path a forward takes now, all computing the same function:
+    def current_path(self, rows: int = 0) -> str:
+        """The path a forward over `rows` (token, expert) assignments takes now, all computing the same function:
 
         - `reference`: chosen with `set_execution_path("reference")`, the paper's formula as written;
-        - `dense_inference`: without autograd, no dropout and plain LoRA on gate, up and down;
+        - `dense_inference`: without autograd, no dropout, plain LoRA on gate, up and down, and at most
+          `dense_inference_max_rows` assignments (decoding steps, small batches);
         - `fused_recompute`: training with `recompute_experts`, the fused path recomputed in backward;
         - `fused`: everything else (the one-kernel experts when `_plain_lora_everywhere()`).
         """
@@ -139,7 +147,8 @@ class MixLoraMoeFFN(nn.Module):
             return "reference"
         if torch.is_grad_enabled():
             return "fused_recompute" if self.recompute_experts and self.training else "fused"
-        if self.dense_inference and self._plain_lora_everywhere() and not self._expert_dropout_threshold():
+        if (self.dense_inference and rows <= self.dense_inference_max_rows and self._plain_lora_everywhere()
+                and not self._expert_dropout_threshold()):
             return "dense_inference"
         return "fused"
 
@@ -183,22 +192,21 @@ class MixLoraMoeFFN(nn.Module):
         """
         projections = [getattr(self, n) for n in FFN_TARGETS]  # gate, up, down
         dtype, num_tokens, k = compute_dtype(x), x.shape[0], routing.experts.shape[1]
-        a = [torch.cat([e.lora_A.weight for e in p.experts]).to(dtype) for p in projections]  # [E*r, in]
-        b = [torch.cat([e.lora_B.weight for e in p.experts], dim=1).to(dtype) for p in projections]  # [out, E*r]
+        a, b = self._dense_weights(projections, dtype)
         scalings = [p.experts[0].scaling for p in projections]
         r = projections[0].experts[0].r
         experts = routing.experts.reshape(-1)  # [N]; index E is the frozen FFN alone (no LoRA)
         select = F.one_hot(experts, self.num_experts + 1)[:, :self.num_experts].to(dtype)
         select = select.repeat_interleave(r, dim=1)  # [N, E*r]
-        low = F.linear(x, torch.cat([a[0], a[1]])).repeat_interleave(k, dim=0)  # [N, 2*E*r]
-        low_g, low_u = low.split(a[0].shape[0], dim=1)
+        low = F.linear(x, a[0]).repeat_interleave(k, dim=0)  # [N, 2*E*r]
+        low_g, low_u = low.split(b[0].shape[1], dim=1)
         # [T, k, F] per slot: the frozen output (once per token, broadcast) plus the expert's delta.
         gate = ((low_g * select) @ b[0].t()).view(num_tokens, k, -1).mul_(scalings[0])
         gate += self._base("gate_proj")(x).unsqueeze(1)
         up = ((low_u * select) @ b[1].t()).view(num_tokens, k, -1).mul_(scalings[1])
         up += self._base("up_proj")(x).unsqueeze(1)
         h = self.act_fn(gate).mul_(up)  # [T, k, F]
-        lora_down = (F.linear(F.linear(h.view(num_tokens * k, -1), a[2]) * select, b[2])
+        lora_down = (F.linear(F.linear(h.view(num_tokens * k, -1), a[1]) * select, b[2])
                      .view(num_tokens, k, -1).mul_(scalings[2]))  # [T, k, H]
         w = routing.weights.to(dtype).unsqueeze(2)  # [T, k, 1]
         h_sum, lora_sum = h[:, 0] * w[:, 0], lora_down[:, 0] * w[:, 0]
@@ -210,6 +218,18 @@ class MixLoraMoeFFN(nn.Module):
         if base_down.bias is not None:
             y = y + w.sum(dim=1) * base_down.bias
         return y
+
+    def _dense_weights(self, projections: list[MoeProjection], dtype: torch.dtype):
+        """Every expert's A stacked [E*r, in] (gate and up side by side first) and B side by side
+        [out, E*r], per projection, in `dtype`; cached until a weight changes."""
+        params = [w for p in projections for e in p.experts for w in (e.lora_A.weight, e.lora_B.weight)]
+
+        def build():
+            a = [torch.cat([e.lora_A.weight for e in p.experts]).to(dtype) for p in projections]
+            b = [torch.cat([e.lora_B.weight for e in p.experts], dim=1).to(dtype) for p in projections]
+            return [torch.cat([a[0], a[1]]), a[2]], b
+
+        return weight_cache(self, "_dense_cache", params, dtype, build)
 
     def _expert_dropout_threshold(self) -> int:
         """The experts' active LoRA dropout (out of 2**16): 0 in eval mode or without dropout.
@@ -246,7 +266,8 @@ class MixLoraMoeFFN(nn.Module):
         # Sort (token, slot) assignments by expert so each expert reads one contiguous slice
         # (padded to `row_bucket` rows for the kernel, whose matmuls then repeat their shapes).
         plain = self._plain_lora_everywhere()
-        layout = ExpertLayout(routing.experts.reshape(-1), self.num_experts, k, self.row_bucket if plain else 1)
+        layout = (ExpertLayout(routing.experts.reshape(-1), self.num_experts, k, self.row_bucket, self.uniform_bucket)
+                  if plain else ExpertLayout(routing.experts.reshape(-1), self.num_experts, k))
         # The gate and up LoRAs of every expert read the same token x: one dropout mask per token
         # serves them all (drawn once per layer instead of once per expert and projection).
         shared = self._shared_lowrank()

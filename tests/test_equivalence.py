@@ -180,3 +180,50 @@ def test_mixed_precision_autocast_runs_and_is_as_accurate_as_the_reference_path(
             ((logits - exact_logits).norm() / exact_logits.norm()).item()
     for i in range(2):  # gradients, then logits
         assert 0 < errors["fused"][i] <= 1.5 * errors["reference"][i], errors  # relative to the reference
+
+
+def test_inference_weight_caches_follow_every_weight_change():
+    """Without autograd, the casts and stacks of adapter weights are cached (attention LoRA and the
+    dense MoE path); an in-place update (as an optimizer step or a load makes) must be seen at the next
+    forward. Oracle: the reference path, which builds nothing from cache."""
+    model = get_mixlora_model(tiny_llama(), MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2),
+                              adapter_dtype=torch.float64)
+    randomize_adapters(model)
+    model.eval()
+    ids, mask = batch()
+
+    def logits(path):
+        model.set_execution_path(path)
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits
+
+    before = logits("fused")
+    assert (before - logits("reference")).abs().max().item() <= TOL
+    assert (logits("fused") - before).abs().max().item() == 0  # served from the caches, unchanged
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("lora_B" in name or "lora_A" in name):
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
+    after = logits("fused")
+    assert (after - before).abs().max().item() > 1e-3
+    assert (after - logits("reference")).abs().max().item() <= TOL
+
+
+def test_large_inference_batches_take_the_sorted_path_and_match_the_reference():
+    """Without autograd, batches over `dense_inference_max_rows` assignments run the sorted (fused) path."""
+    model = get_mixlora_model(tiny_llama(), MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2),
+                              adapter_dtype=torch.float64)
+    randomize_adapters(model)
+    model.eval()
+    ids, mask = batch()
+    paths = []
+    for module in model.moe_layers():
+        module.dense_inference_max_rows = ids.numel() * 2 - 1  # this batch has one row more
+        paths.append(module.current_path(ids.numel() * 2))
+    assert set(paths) == {"fused"}
+    with torch.no_grad():
+        fused = model(input_ids=ids, attention_mask=mask).logits
+        model.set_execution_path("reference")
+        reference = model(input_ids=ids, attention_mask=mask).logits
+    assert (fused - reference).abs().max().item() <= TOL

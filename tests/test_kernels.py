@@ -20,10 +20,12 @@ T, H, FF, E, R = 12, 8, 10, 3, 4
 SCALINGS = (0.5, 1.5, 2.0)
 
 
-def _inputs(k: int, frozen_tokens: int):
+def _inputs(k: int, frozen_tokens: int, unused_expert: bool = False):
     gen = torch.Generator().manual_seed(k)
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     experts = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    if unused_expert:  # the last expert gets no token (k = 1, so no token picks an expert twice)
+        experts[experts == E - 1] = 0
     experts[:frozen_tokens, -1] = E  # some assignments go to the frozen FFN (switch overflow)
     weights = torch.rand(T, k, generator=gen, dtype=torch.float64)
     params = []
@@ -34,9 +36,17 @@ def _inputs(k: int, frozen_tokens: int):
     return experts, [t.requires_grad_(True) for t in leaves]
 
 
+def _layout(experts, bucket):
+    """bucket: (compact bucket, uniform bucket); a uniform bucket > 0 forces the uniform layout."""
+    compact, uniform = bucket
+    layout = ExpertLayout(experts.reshape(-1), E, experts.shape[1], compact, uniform, uniform_waste=float("inf"))
+    assert layout.uniform == (uniform > 0)
+    return layout
+
+
 def _kernel(experts, leaves, threshold, bucket):
     x, gate_base, up_base, weights, *params = leaves
-    layout = ExpertLayout(experts.reshape(-1), E, experts.shape[1], bucket)
+    layout = _layout(experts, bucket)
     plan = ExpertPlan(layout, E, R, SCALINGS, threshold, F.silu)
     return FusedLoraExperts.apply(x, gate_base, up_base, layout.sorted_weights(weights), plan, *params)
 
@@ -45,7 +55,7 @@ def _oracle(experts, leaves, threshold, bucket):
     x, gate_base, up_base, weights, *params = leaves
     k = experts.shape[1]
     # The kernel draws one mask over its rows (padding included); row of assignment a: inv[a].
-    layout = ExpertLayout(experts.reshape(-1), E, k, bucket)
+    layout = _layout(experts, bucket)
     keep = None
     if threshold:
         keep = torch.ones(layout.num_rows * FF, dtype=torch.bool)
@@ -78,25 +88,32 @@ def _oracle(experts, leaves, threshold, bucket):
     return h_sum, lora_sum
 
 
-@pytest.mark.parametrize("k,frozen_tokens,dropout,bucket", [
-    (1, 0, 0.0, 1), (2, 0, 0.0, 1), (2, 0, 0.05, 1), (2, 0, 0.3, 1), (3, 4, 0.3, 1), (1, 5, 0.5, 1),
-    (2, 0, 0.0, 4), (2, 0, 0.1, 8), (3, 4, 0.3, 4), (1, 5, 0.5, 16)])
-def test_fused_lora_experts_matches_autograd_oracle(k, frozen_tokens, dropout, bucket):
-    """Also with expert blocks padded to `bucket` rows: padding must change nothing."""
+@pytest.mark.parametrize("k,frozen_tokens,dropout,bucket,unused", [
+    (1, 0, 0.0, (1, 0), False), (2, 0, 0.0, (1, 0), False), (2, 0, 0.05, (1, 0), False), (2, 0, 0.3, (1, 0), False),
+    (3, 4, 0.3, (1, 0), False), (1, 5, 0.5, (1, 0), False), (2, 0, 0.0, (4, 0), False), (2, 0, 0.1, (8, 0), False),
+    (3, 4, 0.3, (4, 0), False), (1, 5, 0.5, (16, 0), False), (1, 0, 0.3, (4, 0), True),
+    # uniform blocks: all experts in one batched matmul
+    (2, 0, 0.0, (1, 1), False), (2, 0, 0.1, (8, 4), False), (3, 4, 0.3, (4, 16), False), (1, 2, 0.3, (1, 4), True)])
+def test_fused_lora_experts_matches_autograd_oracle(k, frozen_tokens, dropout, bucket, unused):
+    """Also with expert blocks padded (per expert to a multiple of bucket[0] rows, or all to one size
+    rounded to bucket[1]): padding must change nothing; an expert without tokens gets no gradient."""
     threshold = int(round(dropout * 65536))
-    experts, leaves = _inputs(k, frozen_tokens)
+    experts, leaves = _inputs(k, frozen_tokens, unused)
     cot = [torch.randn(T, FF, dtype=torch.float64), torch.randn(T, H, dtype=torch.float64)]
-    results = []
+    results, raw = [], []
     for fn in (_kernel, _oracle):
         torch.manual_seed(7)
         outs = fn(experts, leaves, threshold, bucket)
         grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cot)), leaves, allow_unused=True)
+        raw.append(grads)
         results.append(([o.detach() for o in outs], [torch.zeros_like(l) if g is None else g
                                                       for g, l in zip(grads, leaves)]))
     (k_outs, k_grads), (o_outs, o_grads) = results
     for a, b in zip(k_outs, o_outs):
         assert (a - b).abs().max().item() < 1e-10
-    assert sum(bool(g.abs().max() > 0) for g in o_grads) >= len(o_grads) - 1
+    unused_params = range(4 + 6 * (E - 1), 4 + 6 * E) if unused else range(0)
+    assert all(raw[0][i] is None for i in unused_params)  # as if the expert had not run
+    assert sum(bool(g.abs().max() > 0) for g in o_grads) >= len(o_grads) - 1 - len(unused_params)
     for i, (a, b) in enumerate(zip(k_grads, o_grads)):
         assert (a - b).abs().max().item() < 1e-10, f"gradient of input {i}"
 

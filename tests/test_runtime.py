@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,3 +77,30 @@ def test_step_benchmark_writes_the_issue_keys(tmp_path):
     assert results["peak_mem_ratio_vs_lora"] == pytest.approx(m["fused"]["peak_rss_mb"] / m["lora"]["peak_rss_mb"])
     assert results["allocator_tuned"] is sys.platform.startswith("linux")
     assert "| fused |" in (tmp_path / "bench.md").read_text()
+
+
+def test_real_batch_benchmark_times_the_data_modules_batches(tmp_path, tiny_model_dir, prepared_data):
+    """benchmarks/bench_real_batches.py on the quickstart config's own batches (a tiny base here): the
+    batches it reports are the data module's first training batches, and its ratios are the quotients
+    of the pass times it reports."""
+    from mixlora_lit.lightning.datamodule import MultiTaskDataModule
+
+    data_dir, _ = prepared_data
+    out = tmp_path / "real.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_real_batches.py"), "--base", str(tiny_model_dir),
+           "--data-dir", str(data_dir), "--batches", "2", "--warmup", "1", "--rounds", "1", "--json", str(out),
+           "--markdown", str(tmp_path / "real.md")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    m = results["methods"]
+    assert set(m) == {"base", "fused", "lora"}
+    assert results["real_batch_ratio_vs_base"] == pytest.approx(m["fused"]["pass_median_s"] / m["base"]["pass_median_s"])
+    assert results["real_batch_ratio_vs_lora"] == pytest.approx(m["fused"]["pass_median_s"] / m["lora"]["pass_median_s"])
+    config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    dm = MultiTaskDataModule(**{**config["data"], "data_dir": str(data_dir)})
+    dm.setup("fit")
+    batches = [b for _, b in zip(range(3), dm.train_dataloader())][1:]  # after the one warm-up batch
+    assert results["batch_shapes"] == [list(b["input_ids"].shape) for b in batches]
+    assert results["real_tokens_per_pass"] == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert "| fused |" in (tmp_path / "real.md").read_text()
