@@ -359,7 +359,8 @@ def test_a_grid_runs_every_point_once_in_file_order_and_commits_each_finished_ru
     # The committed study database is a consistent copy that Optuna reads.
     copy = optuna.load_study(study_name="s", storage=f"sqlite:///{archive / 's.db'}")
     assert [t.params for t in copy.trials] == expected
-    capsys.readouterr()
+    progress = capsys.readouterr().out
+    assert "4/4 finished | a grid: every point runs, none is selected" in progress and "best: #" not in progress
     assert main(["sweep", "run", "--config", str(path), "--commit"]) == 0  # nothing left to run
     assert "already has 4 finished trials" in capsys.readouterr().out and len(study_of(path).trials) == 4
 

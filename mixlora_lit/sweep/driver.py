@@ -340,7 +340,10 @@ def _format_params(params: dict[str, Any]) -> str:
                     for k, v in params.items())
 
 
-def best_summary(study: optuna.Study) -> str:
+def best_summary(study: optuna.Study, grid: bool = False) -> str:
+    """The best trial so far; for a grid (every point runs once), nothing is selected."""
+    if grid:
+        return "a grid: every point runs, none is selected"
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not complete:
         return "best: none yet"
@@ -456,7 +459,7 @@ def run_sweep(spec: SweepSpec, echo=print, commit: bool = False) -> optuna.Study
         counts = _counts(study_)
         echo(f"[sweep] {spec.study_name} trial {trial.number}: {trial.state.name} value={_format_values(trial)} "
              f"{_format_params(trial.params)} in {duration:.0f} s{reason} | "
-             f"{sum(counts[s] for s in FINISHED)}/{spec.n_trials} finished | {best_summary(study_)}", flush=True)
+             f"{sum(counts[s] for s in FINISHED)}/{spec.n_trials} finished | {best_summary(study_, spec.is_grid)}", flush=True)
         archived = archive_trial(spec, trial, commit)
         if archived:
             echo(f"[sweep] {spec.study_name} trial {trial.number}: {archived}", flush=True)
@@ -464,7 +467,7 @@ def run_sweep(spec: SweepSpec, echo=print, commit: bool = False) -> optuna.Study
             study_.stop()
 
     if done():
-        echo(f"[sweep] {spec.study_name}: already has {spec.n_trials} finished trials; {best_summary(study)}")
+        echo(f"[sweep] {spec.study_name}: already has {spec.n_trials} finished trials; {best_summary(study, spec.is_grid)}")
         return study
     echo(f"[sweep] {spec.study_name}: storage {_redact(spec.storage)}, {spec.n_trials} finished trials wanted, "
          f"{sum(_counts(study)[s] for s in FINISHED)} so far; trial runs in {spec.runs_dir}")
