@@ -156,11 +156,29 @@ def test_sigterm_writes_a_checkpoint_at_that_step_and_the_run_resumes_exactly(re
     stopped = runs.read_record(tmp_path / "version_0")
     assert stopped.status == "interrupted" and stopped.error == f"stopped by SIGTERM at step {step}"
 
+    # A resumption killed outright before training starts (SIGKILL at fit start, after the record was
+    # rewritten at setup and the checkpoint restored) must not erase the run's start and wall time.
+    killed = subprocess.run(_cli(*args, "--ckpt_path=last", f"--trainer.callbacks+={__name__}.KillAtFitStart"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300,
+                            env={**CHILD_ENV, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                                                             os.environ.get("PYTHONPATH", "")])})
+    assert killed.returncode == -signal.SIGKILL
+    after_kill = runs.read_record(tmp_path / "version_0")
+    assert after_kill.status == "running" and after_kill.started_at == stopped.started_at
+    assert after_kill.wall_time_s >= stopped.wall_time_s
+
     _finish([*args, "--ckpt_path=last"], tmp_path / "resumed.log")
     _assert_same_outcome(_outcome(tmp_path / "version_0"), reference)
-    # One run in its record: the start of the first process, and the wall time of both.
+    # One run in its record: the start of the first process, and the wall time of all three.
     resumed = runs.read_record(tmp_path / "version_0")
-    assert resumed.started_at == stopped.started_at and resumed.wall_time_s > stopped.wall_time_s
+    assert resumed.started_at == stopped.started_at and resumed.wall_time_s > after_kill.wall_time_s
+
+
+class KillAtFitStart(pl.Callback):
+    """Kills its own process (SIGKILL) at fit start: after setup and the checkpoint restore, before training."""
+
+    def on_fit_start(self, trainer, pl_module):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class SigtermDuringValidation(pl.Callback):

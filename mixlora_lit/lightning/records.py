@@ -49,7 +49,7 @@ class RunRecorder(pl.Callback):
     def __init__(self, run_name: str | None = None) -> None:
         self.run_name = run_name
         self._started = time.perf_counter()
-        self._started_at = runs.timestamp()
+        self._own_started_at = self._started_at = runs.timestamp()
         self._record: runs.RunRecord | None = None
         self._environment: dict[str, Any] | None = None
         self._directory: Path | None = None  # known from setup on: on_exception may run on one rank only
@@ -96,11 +96,15 @@ class RunRecorder(pl.Callback):
         checkpoint is known (`trainer.ckpt_path` is set after `setup`), with the record read at `setup`."""
         previous, self._previous = self._previous, None
         directory, ckpt = self._directory, trainer.ckpt_path
-        if previous is None or directory is None or not ckpt or trainer.state.fn != "fit" or \
-                Path(ckpt).resolve().parent.parent != directory.resolve():
-            return
-        self._prior_wall_time = previous.wall_time_s or 0.0
-        self._started_at = previous.started_at or self._started_at
+        resumed = (previous is not None and directory is not None and bool(ckpt) and trainer.state.fn == "fit"
+                   and Path(ckpt).resolve().parent.parent == directory.resolve())
+        self._adopt(previous if resumed else None)
+
+    def _adopt(self, previous: runs.RunRecord | None) -> None:
+        """Count from `previous`'s start time and wall time, or (None) from this process's own."""
+        self._prior_wall_time = (previous.wall_time_s or 0.0) if previous is not None else 0.0
+        self._started_at = (previous.started_at or self._own_started_at) if previous is not None \
+            else self._own_started_at
         if self._record is not None:
             self._record.started_at = self._started_at
 
@@ -117,6 +121,11 @@ class RunRecorder(pl.Callback):
             self._previous = runs.read_record(self._directory) if stage == "fit" else None
         except (OSError, ValueError):
             self._previous = None
+        # A fit in the folder of a run that did not finish is most likely its resumption: carry its start
+        # and wall time from now on, so that a process killed before training starts (while the model
+        # loads) does not erase them; on_train_start confirms or undoes this once the checkpoint is known.
+        if self._previous is not None and self._previous.status != "finished":
+            self._adopt(self._previous)
         self._write(trainer, pl_module, status="running", stage=stage, error=None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
