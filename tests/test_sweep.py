@@ -429,8 +429,11 @@ def test_the_studys_tuning_sweeps_search_the_shipped_spaces_with_one_budget():
     n_trials, fixed = budgets[0]
     assert n_trials == 4 and fixed["trainer.max_steps"] == 40 and fixed["data.train_cap"] is None
     main_grid = load_spec(ROOT / "sweeps" / "table2_smollm2" / "main.yaml")
-    assert main_grid.is_grid and main_grid.n_trials == 18 and main_grid.grid_points()[:3] == [
+    assert main_grid.is_grid and main_grid.n_trials == 9 and main_grid.grid_points()[:3] == [
         {"data.protocol": "paper", "seed_everything": 1, "model.adapter.method": m} for m in ("mixlora", "lora", "dora")]
+    cloze = load_spec(ROOT / "sweeps" / "table2_smollm2" / "cloze.yaml")  # the same runs but protocol and cutoff
+    assert cloze.is_grid and cloze.n_trials == 9 and {p["data.protocol"] for p in cloze.grid_points()} == {"cloze"}
+    assert cloze.fixed == {**main_grid.fixed, "data.cutoff_len": 1024} and cloze.fit_config == main_grid.fit_config
     tuned = load_spec(ROOT / "sweeps" / "table2_smollm2" / "tuned.yaml",
                       fit_config=ROOT / "sweeps" / "table2_smollm2" / "tuned.yaml")  # any existing file
     assert tuned.fixed["trainer.max_steps"] == main_grid.fixed["trainer.max_steps"]  # the main runs' budget

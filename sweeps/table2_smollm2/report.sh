@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=reports/table2_smollm2
 DB=sqlite:///$OUT/table2_smollm2.db
-runs=("paper settings=$OUT/runs/base" "paper settings=$OUT/runs/table2-smollm2-main")
+runs=("paper settings=$OUT/runs/base" "paper settings=$OUT/runs/table2-smollm2-main"
+      "paper settings=$OUT/runs/table2-smollm2-cloze")
 studies=()
 for method in mixlora lora dora; do
   runs+=("tuned on dev=$OUT/runs/table2-smollm2-tuned-$method")

@@ -20,14 +20,16 @@ for protocol in paper cloze; do
   dest=$OUT/runs/base/$protocol
   if finished "$dest"; then echo "base $protocol: done"; continue; fi
   root=runs/studies/table2_smollm2/base/$protocol
+  cutoff=512; [ $protocol = cloze ] && cutoff=1024  # as main.yaml and cloze.yaml
   rm -rf "$root"
   $ML test --config $STUDY_FIT --model.adapter.method=base --data.protocol=$protocol --data.test_cap=500 \
-      --trainer.default_root_dir=$root --run_name=table2-smollm2-base/$protocol
+      --data.cutoff_len=$cutoff --trainer.default_root_dir=$root --run_name=table2-smollm2-base/$protocol
   $PY -m mixlora_lit.sweep.archive "$root/version_0" "$dest" $COMMIT
 done
 
-echo "== 2. the comparison with the paper's settings: protocol x seed x method (items 1 and 2)"
+echo "== 2. the comparison with the paper's settings: seed x method, paper protocol, then cloze (items 1 and 2)"
 $ML sweep run --config $SWEEPS/main.yaml $COMMIT
+$ML sweep run --config $SWEEPS/cloze.yaml $COMMIT
 
 echo "== 3. equal-budget tuning on dev, then each method's best configuration with the same 3 seeds (item 3)"
 for method in mixlora lora dora; do
