@@ -15,7 +15,7 @@ from mixlora_lit.data.tasks import PAPER_ALL, get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 ORACLE_TASKS = ["arc_easy", "boolq", "piqa"]
-PER_TASK = 25  # x 3 tasks x 2 models, each compared with lm-eval; 50 took 285 s of the suite
+PER_TASK = 25  # x 3 tasks, compared with lm-eval; 50 x 2 models took 285 s of the suite, 25 x 2 167 s
 NEAR_TIE = 1e-3  # log-likelihood gaps this small may order differently between two fp32 computations
 
 
@@ -98,22 +98,18 @@ def _compare_with_lm_eval(cli, data_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_cloze_scores_equal_lm_eval_for_the_base_and_after_a_short_cloze_quickstart(oracle_data, tmp_path):
-    """The base (a fresh MixLoRA, whose zero B matrices leave SmolLM2 unchanged) through `mixlora-lit test`,
-    then the quickstart shortened and switched to `--data.protocol=cloze`: fp32, 25 test examples of ARC-e,
-    BoolQ and PIQA, each prediction equal to lm-eval's on the same model, apart from near-ties."""
+def test_cloze_scores_equal_lm_eval_after_a_short_cloze_quickstart(oracle_data, tmp_path):
+    """The quickstart shortened and switched to `--data.protocol=cloze` (fp32, 6 steps, so the experts' B
+    matrices are no longer zero), then 25 test examples of ARC-e, BoolQ and PIQA: each prediction equal to
+    lm-eval's on the same model, apart from near-ties. (The base alone, a fresh MixLoRA whose zero B
+    matrices leave SmolLM2 unchanged, goes through the same test loop; comparing it too doubled the cost.)"""
     from mixlora_lit.lightning.cli import run
 
-    common = ["--model.base_dtype=fp32", "--data.protocol=cloze", f"--data.data_dir={oracle_data}",
-              "--data.cutoff_len=2048",  # no truncation: lm-eval scores whole passages
-              f"--data.tasks=[{','.join(ORACLE_TASKS)}]", "--data.eval_batch_size=16",
-              "--trainer.enable_progress_bar=false"]
-    base = run(["test", f"--config={ROOT / 'configs' / 'quickstart.yaml'}", *common,
-                f"--trainer.default_root_dir={tmp_path / 'base'}"])
-    compared = _compare_with_lm_eval(base, oracle_data)
-    print(f"base: examples compared with lm-eval {compared}")
-    assert compared["acc"] >= 70 and compared["acc_norm"] >= 45, compared  # near-ties are rare
-    trained = run(["fit", f"--config={ROOT / 'configs' / 'quickstart.yaml'}", *common, "--trainer.max_steps=6",
+    trained = run(["fit", f"--config={ROOT / 'configs' / 'quickstart.yaml'}", "--model.base_dtype=fp32",
+                   "--data.protocol=cloze", f"--data.data_dir={oracle_data}",
+                   "--data.cutoff_len=2048",  # no truncation: lm-eval scores whole passages
+                   f"--data.tasks=[{','.join(ORACLE_TASKS)}]", "--data.eval_batch_size=16",
+                   "--trainer.enable_progress_bar=false", "--trainer.max_steps=6",
                    "--trainer.val_check_interval=6", "--data.train_cap=16", "--data.dev_cap=8", "--data.batch_size=4",
                    "--validate_at_start=false", "--model.optimizer.warmup_steps=0",
                    f"--trainer.default_root_dir={tmp_path / 'trained'}"])
@@ -122,4 +118,4 @@ def test_cloze_scores_equal_lm_eval_for_the_base_and_after_a_short_cloze_quickst
     assert record.val_norm and json.loads(json.dumps(record.test)) == record.test
     compared = _compare_with_lm_eval(trained, oracle_data)
     print(f"trained: examples compared with lm-eval {compared}")
-    assert compared["acc"] >= 70 and compared["acc_norm"] >= 45, compared
+    assert compared["acc"] >= 70 and compared["acc_norm"] >= 45, compared  # near-ties are rare
