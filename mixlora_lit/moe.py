@@ -247,6 +247,9 @@ class MixLoraMoeFFN(nn.Module):
         # Under mixed precision (autocast) the inputs arrive in mixed dtypes: run the experts in
         # autocast's dtype, with autocast off inside (the kernel casts the fp32 masters itself).
         dtype = compute_dtype(source)
+        if not torch.is_grad_enabled():  # evaluation: the stacked, cast weights last until a weight changes
+            plan.stacks = weight_cache(self, "_stack_cache", params, (dtype, plan.dropout_threshold),
+                                       lambda: plan.stacked_weights(params, dtype))
         with torch.autocast(source.device.type, enabled=False):
             h_sum, lora_sum = FusedLoraExperts.apply(source.to(dtype), gate_base.to(dtype), up_base.to(dtype),
                                                      layout.sorted_weights(routing.weights), plan, *params)

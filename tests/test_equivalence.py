@@ -182,15 +182,21 @@ def test_mixed_precision_autocast_runs_and_is_as_accurate_as_the_reference_path(
         assert 0 < errors["fused"][i] <= 1.5 * errors["reference"][i], errors  # relative to the reference
 
 
-def test_inference_weight_caches_follow_every_weight_change():
-    """Without autograd, the casts and stacks of adapter weights are cached (attention LoRA and the
-    dense MoE path); an in-place update (as an optimizer step or a load makes) must be seen at the next
-    forward. Oracle: the reference path, which builds nothing from cache."""
+@pytest.mark.parametrize("moe_path", ["dense_inference", "fused"])
+def test_inference_weight_caches_follow_every_weight_change(moe_path):
+    """Without autograd, the casts and stacks of adapter weights are cached (attention LoRA, and the
+    MoE's dense path or the sorted path's stacked expert weights); an in-place update (as an optimizer
+    step or a load makes) must be seen at the next forward. Oracle: the reference path, which builds
+    nothing from cache."""
     model = get_mixlora_model(tiny_llama(), MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2),
                               adapter_dtype=torch.float64)
     randomize_adapters(model)
     model.eval()
     ids, mask = batch()
+    for module in model.moe_layers():
+        module.dense_inference_max_rows = 10**6 if moe_path == "dense_inference" else 0
+        with torch.no_grad():
+            assert module.current_path(ids.numel() * 2) == moe_path
 
     def logits(path):
         model.set_execution_path(path)
