@@ -189,45 +189,46 @@ class MixLoraMoeFFN(nn.Module):
         zeroes every block but its expert's, and multiplies by the experts' B matrices laid side by
         side ([E*r, F]): the same sum as the routed expert's B A x, in a few large matmuls. The
         extra work (E-fold on the rank-r products) is small next to the frozen FFN at these ranks.
+        At these sizes (decoding steps) the cost is the number of operations, so they are few: the
+        LoRA scalings live in the cached B matrices, the routing weight of the down LoRA in its mask.
         """
         projections = [getattr(self, n) for n in FFN_TARGETS]  # gate, up, down
         dtype, num_tokens, k = compute_dtype(x), x.shape[0], routing.experts.shape[1]
-        a, b = self._dense_weights(projections, dtype)
-        scalings = [p.experts[0].scaling for p in projections]
-        r = projections[0].experts[0].r
-        experts = routing.experts.reshape(-1)  # [N]; index E is the frozen FFN alone (no LoRA)
-        select = F.one_hot(experts, self.num_experts + 1)[:, :self.num_experts].to(dtype)
-        select = select.repeat_interleave(r, dim=1)  # [N, E*r]
-        low = F.linear(x, a[0]).repeat_interleave(k, dim=0)  # [N, 2*E*r]
-        low_g, low_u = low.split(b[0].shape[1], dim=1)
+        a_gu, a_down, b_gate, b_up, b_down, column_expert = self._dense_weights(projections, dtype)
+        rows = num_tokens * k
+        # [N, E*r]: 1 in the columns of the row's expert (none for index E, the frozen FFN alone)
+        select = (routing.experts.reshape(rows, 1) == column_expert).to(dtype)
+        low = F.linear(x, a_gu).repeat_interleave(k, dim=0).view(rows, 2, -1).mul_(select.unsqueeze(1))
         # [T, k, F] per slot: the frozen output (once per token, broadcast) plus the expert's delta.
-        gate = ((low_g * select) @ b[0].t()).view(num_tokens, k, -1).mul_(scalings[0])
-        gate += self._base("gate_proj")(x).unsqueeze(1)
-        up = ((low_u * select) @ b[1].t()).view(num_tokens, k, -1).mul_(scalings[1])
-        up += self._base("up_proj")(x).unsqueeze(1)
+        gate = (low[:, 0] @ b_gate).view(num_tokens, k, -1).add_(self._base("gate_proj")(x).unsqueeze(1))
+        up = (low[:, 1] @ b_up).view(num_tokens, k, -1).add_(self._base("up_proj")(x).unsqueeze(1))
         h = self.act_fn(gate).mul_(up)  # [T, k, F]
-        lora_down = (F.linear(F.linear(h.view(num_tokens * k, -1), a[1]) * select, b[2])
-                     .view(num_tokens, k, -1).mul_(scalings[2]))  # [T, k, H]
-        w = routing.weights.to(dtype).unsqueeze(2)  # [T, k, 1]
-        h_sum, lora_sum = h[:, 0] * w[:, 0], lora_down[:, 0] * w[:, 0]
+        w = routing.weights.to(dtype)  # [T, k]
+        lora = (F.linear(h.view(rows, -1), a_down).mul_(select.mul_(w.reshape(rows, 1))) @ b_down
+                ).view(num_tokens, k, -1)  # [T, k, H], each slot's down LoRA times its routing weight
+        h_sum, lora_sum = h[:, 0] * w[:, :1], lora[:, 0]
         for j in range(1, k):  # a loop over the k slots: reducing the middle dim is slow on CPU
-            h_sum.addcmul_(h[:, j], w[:, j])
-            lora_sum.addcmul_(lora_down[:, j], w[:, j])
+            h_sum.addcmul_(h[:, j], w[:, j:j + 1])
+            lora_sum = lora_sum + lora[:, j]
         base_down = self._base("down_proj")
-        y = F.linear(h_sum, base_down.weight) + lora_sum
+        y = torch.addmm(lora_sum, h_sum, base_down.weight.t())  # lora_sum + W2 h_sum
         if base_down.bias is not None:
-            y = y + w.sum(dim=1) * base_down.bias
+            y = y + w.sum(dim=1, keepdim=True) * base_down.bias
         return y
 
     def _dense_weights(self, projections: list[MoeProjection], dtype: torch.dtype):
-        """Every expert's A stacked [E*r, in] (gate and up side by side first) and B side by side
-        [out, E*r], per projection, in `dtype`; cached until a weight changes."""
+        """In `dtype`, cached until a weight changes: every expert's gate and up A stacked [2*E*r, in]
+        (gate first), the down A stacked [E*r, F], the B matrices stacked and transposed ([E*r, out])
+        with each projection's LoRA scaling folded in, and the expert of each of the E*r columns."""
         params = [w for p in projections for e in p.experts for w in (e.lora_A.weight, e.lora_B.weight)]
 
         def build():
             a = [torch.cat([e.lora_A.weight for e in p.experts]).to(dtype) for p in projections]
-            b = [torch.cat([e.lora_B.weight for e in p.experts], dim=1).to(dtype) for p in projections]
-            return [torch.cat([a[0], a[1]]), a[2]], b
+            b = [(torch.cat([e.lora_B.weight for e in p.experts], dim=1) * p.experts[0].scaling).t().contiguous()
+                 .to(dtype) for p in projections]
+            r = projections[0].experts[0].r
+            column_expert = torch.arange(self.num_experts, device=a[0].device).repeat_interleave(r)
+            return torch.cat([a[0], a[1]]), a[2], b[0], b[1], b[2], column_expert
 
         return weight_cache(self, "_dense_cache", params, dtype, build)
 
