@@ -147,7 +147,7 @@ class LoraAdapter(nn.Module):
         a bf16 activation to fp32 costs more than the LoRA matmuls themselves, and bf16 matmuls are fast
         on these CPUs and on GPUs. Gradients still accumulate into the fp32 weights.
         """
-        if not torch.is_grad_enabled() and not (isinstance(self.lora_dropout, FastDropout) and self.lora_dropout.active):
+        if self.plain_inference():
             a, b = self.inference_weights(x.dtype)
             return F.linear(F.linear(x, a), b)
         a, b = self.lora_A.weight, self.lora_B.weight
@@ -158,6 +158,10 @@ class LoraAdapter(nn.Module):
         if isinstance(self.lora_dropout, FastDropout) and self.lora_dropout.active:
             x, a = self.lora_dropout.zero_dropped(x), a * self.lora_dropout.keep_scale
         return F.linear(F.linear(x, a), b * self.scaling)
+
+    def plain_inference(self) -> bool:
+        """No autograd and no active dropout (evaluation, decoding): the cached `inference_weights` apply."""
+        return not torch.is_grad_enabled() and not (isinstance(self.lora_dropout, FastDropout) and self.lora_dropout.active)
 
     def inference_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, scaling * B) in `dtype`, for forwards without autograd, cached until the weights change."""
@@ -220,8 +224,7 @@ class LoraLinear(LoraAdapter):
         base_out = self.base_layer(x)
         if self.merged:
             return base_out
-        if (not torch.is_grad_enabled() and not self.use_dora and base_out.dtype == x.dtype
-                and not (isinstance(self.lora_dropout, FastDropout) and self.lora_dropout.active)):
+        if self.plain_inference() and not self.use_dora and base_out.dtype == x.dtype:
             # Evaluation and decoding: the update added into the fresh base output in one matmul
             # (base_out += (x A^T) (s B)^T), two operations fewer per projection than `delta` + add.
             a, b = self.inference_weights(x.dtype)
