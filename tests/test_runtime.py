@@ -104,3 +104,19 @@ def test_real_batch_benchmark_times_the_data_modules_batches(tmp_path, tiny_mode
     assert results["batch_shapes"] == [list(b["input_ids"].shape) for b in batches]
     assert results["real_tokens_per_pass"] == sum(int(b["attention_mask"].sum()) for b in batches)
     assert "| fused |" in (tmp_path / "real.md").read_text()
+
+
+def test_moe_layer_benchmark_times_each_path_it_names(tmp_path):
+    """benchmarks/bench_moe_layer.py, tiny: without autograd a few tokens take the dense path and many
+    the sorted one (as `MixLoraMoeFFN.current_path` decides), training the fused path; each ratio is
+    the quotient of the medians it reports, and the JSON holds what main() returned."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_moe_layer
+
+    out = tmp_path / "layer.json"
+    results = bench_moe_layer.main(["--tokens", "4", "300", "--repeats", "2", "--warmup", "0", "--json", str(out)])
+    assert [r["path"] for r in results["rows"]] == ["dense_inference", "fused"]
+    trained = bench_moe_layer.main(["--mode", "train", "--tokens", "64", "--repeats", "1", "--warmup", "0"])
+    for row in results["rows"] + trained["rows"]:
+        assert row["ratio_vs_base"] == pytest.approx(row["mixlora_ms"] / row["base_ms"]) and row["base_ms"] > 0
+    assert trained["rows"][0]["path"] == "fused" and json.loads(out.read_text())["rows"] == results["rows"]
