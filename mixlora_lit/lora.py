@@ -55,8 +55,9 @@ def dropped_positions(numel: int, threshold: int, device: torch.device) -> torch
 def weight_cache(owner: nn.Module, attr: str, params: tuple[torch.Tensor, ...] | list[torch.Tensor],
                  dtype: object, build):
     """`build()`, remembered on `owner` until any of `params` changes (an optimizer step, a load,
-    a move) or `dtype` (a dtype, or any comparable key of what else `build` depends on) differs. For forwards without autograd (evaluation, generation), where the
-    casts and concatenations of small adapter weights would otherwise repeat at every call."""
+    a move) or `dtype` differs (a dtype, or any comparable key of what else `build` depends on).
+    For forwards without autograd (evaluation, generation), where the casts and concatenations of
+    small adapter weights would otherwise repeat at every call."""
     key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
     cached = owner.__dict__.get(attr)
     if cached is not None and cached[0] == key:
