@@ -438,6 +438,13 @@ def test_the_studys_tuning_sweeps_search_the_shipped_spaces_with_one_budget():
                       fit_config=ROOT / "sweeps" / "table2_smollm2" / "tuned.yaml")  # any existing file
     assert tuned.fixed["trainer.max_steps"] == main_grid.fixed["trainer.max_steps"]  # the main runs' budget
     assert tuned.fixed["data.test_cap"] == 500 and tuned.n_trials == 3
+    # Item 4: MixLoRA's expert count x top-k with the MixLoRA tuning budget, at that sweep's best settings
+    # (run.sh passes its `sweep best --out` file as the fit config).
+    shape = load_spec(ROOT / "sweeps" / "table2_smollm2" / "shape.yaml",
+                      fit_config=ROOT / "sweeps" / "table2_smollm2" / "tuned.yaml")
+    tune_mixlora = load_spec(ROOT / "sweeps" / "table2_smollm2" / "tune_mixlora.yaml")
+    assert shape.is_grid and shape.n_trials == 6 and shape.fixed == tune_mixlora.fixed
+    assert set(shape.space) == {"model.adapter.num_experts", "model.adapter.top_k"}
 
 
 def test_extends_reports_a_missing_parent_and_a_cycle(tmp_path, capsys):

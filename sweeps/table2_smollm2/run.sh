@@ -41,8 +41,8 @@ for method in mixlora lora dora; do
   $ML sweep run --config $SWEEPS/tuned.yaml --fit-config "$best" --study-name table2-smollm2-tuned-$method $COMMIT
 done
 
-echo "== 4. what drives the result: MixLoRA's expert count x top-k (item 4)"
-$ML sweep run --config $SWEEPS/shape.yaml $COMMIT
+echo "== 4. what drives the result: MixLoRA's expert count x top-k at its tuned settings (item 4)"
+$ML sweep run --config $SWEEPS/shape.yaml --fit-config $OUT/best/mixlora.yaml $COMMIT
 
 echo "== the report"
 bash $SWEEPS/report.sh
