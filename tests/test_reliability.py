@@ -19,7 +19,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import fit_args
+from preloaded_cli import run_commands
 from mixlora_lit import runs
 from mixlora_lit.adapter_io import CHECKSUMS_NAME, SAFETENSORS_NAME, save_adapter_atomically, verify_checksums
 from mixlora_lit.lightning.resume import AtomicCheckpointIO
@@ -221,14 +221,23 @@ def test_sigterm_during_validation_finishes_the_pass_then_resumes_exactly(tiny_m
 
 
 # ---------------------------------------------------------------------- atomic files
+# One process imports (Lightning: ~6 s) and, for each line it reads, forks a writer that rewrites the
+# checkpoint until killed; it prints the writer's pid, then "reaped" once the test has killed it.
 _WRITER = textwrap.dedent("""
-    import sys, torch
+    import os, sys, torch
     from mixlora_lit.lightning.resume import AtomicCheckpointIO
-    io, path, n = AtomicCheckpointIO(), sys.argv[1], 0
-    while True:
-        n += 1
-        io.save_checkpoint({"n": n, "weights": torch.full((6_000_000,), float(n))}, path)
-        print(n, flush=True)
+    io, path = AtomicCheckpointIO(), sys.argv[1]
+    for _ in sys.stdin:
+        pid = os.fork()
+        if pid == 0:
+            n = 0
+            while True:
+                n += 1
+                io.save_checkpoint({"n": n, "weights": torch.full((6_000_000,), float(n))}, path)
+                print(n, flush=True)
+        print("pid", pid, flush=True)
+        os.waitpid(pid, 0)
+        print("reaped", flush=True)
 """)
 
 
@@ -236,16 +245,30 @@ def test_a_checkpoint_killed_while_written_leaves_the_previous_one_whole(tmp_pat
     """SIGKILL at random moments of a loop that rewrites a 24 MB checkpoint: the file is always a whole one."""
     path = tmp_path / "last.ckpt"
     seen = []
-    for attempt in range(3):
-        child = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True)
-        first = child.stdout.readline()  # one save done
-        assert first.strip(), "the writer did not start"
-        time.sleep(random.uniform(0.05, 0.5))
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        assert torch.equal(saved["weights"], torch.full((6_000_000,), float(saved["n"])))
-        seen.append(saved["n"])
+    server = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        for attempt in range(3):
+            server.stdin.write("go\n")
+            server.stdin.flush()
+            pid, saved_once = None, False
+            while pid is None or not saved_once:  # the writer's pid and its first finished save, in any order
+                line = server.stdout.readline()
+                assert line, "the writer did not start"
+                if line.startswith("pid "):
+                    pid = int(line.split()[1])
+                else:
+                    saved_once = True
+            time.sleep(random.uniform(0.05, 0.5))
+            os.kill(pid, signal.SIGKILL)
+            while (line := server.stdout.readline()) and line.strip() != "reaped":
+                pass  # saves finished before the kill
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            assert torch.equal(saved["weights"], torch.full((6_000_000,), float(saved["n"])))
+            seen.append(saved["n"])
+    finally:
+        server.kill()
+        server.wait()
     assert all(n >= 1 for n in seen)
 
 
@@ -295,8 +318,9 @@ def _tiny_adapter(directory: Path, base_name: str, **shape) -> Path:
 
 @pytest.fixture(scope="module")
 def catalogue(tiny_model_dir, prepared_data, tmp_path_factory):
-    """Every case's command, run through the real `mixlora-lit` (three at a time): case -> (exit code,
-    stderr, expected piece of the message, extra check data)."""
+    """Every case's command, run through the real `mixlora-lit` entry point, each in its own process (three
+    at a time, forked after the imports: tests/preloaded_cli.py): case -> (exit code, stderr, expected
+    piece of the message, extra check data)."""
     tmp = tmp_path_factory.mktemp("catalogue")
     data_dir, _ = prepared_data
 
@@ -378,13 +402,8 @@ def catalogue(tiny_model_dir, prepared_data, tmp_path_factory):
     cases["unknown model alias to prepare"] = (["models", "prepare", "smollm9"], "'smollm9'")
     cases["missing argument"] = (["report", "--runs", str(tmp)], "--out")
 
-    def run_case(item):
-        name, (args, expected) = item
-        done = subprocess.run(_cli(*args), capture_output=True, text=True, env=CHILD_ENV, timeout=300)
-        return name, (done.returncode, done.stderr, expected)
-
-    with ThreadPoolExecutor(3) as pool:
-        results = dict(pool.map(run_case, cases.items()))
+    done = run_commands([args for args, _ in cases.values()], env=CHILD_ENV, parallel=3)
+    results = {name: (d.returncode, d.stderr, expected) for (name, (_, expected)), d in zip(cases.items(), done)}
     results["_tmp"] = tmp
     return results
 
@@ -504,12 +523,12 @@ def test_pickled_files_cannot_run_code(tiny_model_dir, prepared_data, tmp_path):
     evil_ckpt = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "global_step": _Payload(marker)}, evil_ckpt)
     data_dir, _ = prepared_data
-    results = []
-    for args in (["eval", f"--base={tiny_model_dir}", f"--adapter={adapter}", "--tasks", "arc_easy", "--limit", "2",
-                  f"--data-dir={data_dir}"],
-                 ["validate", *fit_args(tiny_model_dir, prepared_data, tmp_path / "v", f"--ckpt_path={evil_ckpt}")[1:]]):
-        args = [a for a in args if not a.startswith(("--trainer.max_steps", "--trainer.val_check", "--trainer.log_every"))]
-        results.append(subprocess.run(_cli(*args), capture_output=True, text=True, env=CHILD_ENV, timeout=300))
+    commands = [["eval", f"--base={tiny_model_dir}", f"--adapter={adapter}", "--tasks", "arc_easy", "--limit", "2",
+                 f"--data-dir={data_dir}"],
+                ["validate", *fit_args(tiny_model_dir, prepared_data, tmp_path / "v", f"--ckpt_path={evil_ckpt}")[1:]]]
+    results = run_commands([[a for a in args if not a.startswith(("--trainer.max_steps", "--trainer.val_check",
+                                                                 "--trainer.log_every"))] for args in commands],
+                           env=CHILD_ENV, parallel=2)
     assert not marker.exists()
     for done, expected in zip(results, ("weights_only=True", f"--ckpt_path {evil_ckpt}: refused to load")):
         last = [line for line in done.stderr.splitlines() if line.strip()][-1]
