@@ -15,7 +15,7 @@ from mixlora_lit.data.tasks import PAPER_ALL, get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 ORACLE_TASKS = ["arc_easy", "boolq", "piqa"]
-PER_TASK = 25  # x 3 tasks, compared with lm-eval; 50 x 2 models took 285 s of the suite, 25 x 2 167 s
+PER_TASK = 20  # x 3 tasks, compared with lm-eval: our test pass and lm-eval each cost ~0.4 s per example (fp32)
 NEAR_TIE = 1e-3  # log-likelihood gaps this small may order differently between two fp32 computations
 
 
@@ -53,8 +53,8 @@ def test_a_task_without_a_cloze_rendering_is_refused_naming_its_protocols(tmp_pa
 
 @pytest.fixture(scope="module")
 def oracle_data(prepared_data, tmp_path_factory):
-    """The prepared data with each oracle task's test split cut to its first 50 examples, so that our
-    test pass and lm-eval's `limit=50` score the same examples."""
+    """The prepared data with each oracle task's test split cut to its first PER_TASK examples, so that our
+    test pass and lm-eval's `limit=PER_TASK` score the same examples."""
     source, _ = prepared_data
     out = tmp_path_factory.mktemp("oracle-data")
     for task in ORACLE_TASKS:
@@ -100,7 +100,7 @@ def _compare_with_lm_eval(cli, data_dir: Path) -> dict:
 @pytest.mark.slow
 def test_cloze_scores_equal_lm_eval_after_a_short_cloze_quickstart(oracle_data, tmp_path):
     """The quickstart shortened and switched to `--data.protocol=cloze` (fp32, 6 steps, so the experts' B
-    matrices are no longer zero), then 25 test examples of ARC-e, BoolQ and PIQA: each prediction equal to
+    matrices are no longer zero), then 20 test examples of ARC-e, BoolQ and PIQA: each prediction equal to
     lm-eval's on the same model, apart from near-ties. (The base alone, a fresh MixLoRA whose zero B
     matrices leave SmolLM2 unchanged, goes through the same test loop; comparing it too doubled the cost.)"""
     from mixlora_lit.lightning.cli import run
@@ -110,7 +110,7 @@ def test_cloze_scores_equal_lm_eval_after_a_short_cloze_quickstart(oracle_data, 
                    "--data.cutoff_len=2048",  # no truncation: lm-eval scores whole passages
                    f"--data.tasks=[{','.join(ORACLE_TASKS)}]", "--data.eval_batch_size=16",
                    "--trainer.enable_progress_bar=false", "--trainer.max_steps=6",
-                   "--trainer.val_check_interval=6", "--data.train_cap=16", "--data.dev_cap=8", "--data.batch_size=4",
+                   "--trainer.val_check_interval=6", "--data.train_cap=16", "--data.dev_cap=3", "--data.batch_size=4",
                    "--validate_at_start=false", "--model.optimizer.warmup_steps=0",
                    f"--trainer.default_root_dir={tmp_path / 'trained'}"])
     record = runs.read_record(trained.trainer.log_dir)
@@ -118,4 +118,5 @@ def test_cloze_scores_equal_lm_eval_after_a_short_cloze_quickstart(oracle_data, 
     assert record.val_norm and json.loads(json.dumps(record.test)) == record.test
     compared = _compare_with_lm_eval(trained, oracle_data)
     print(f"trained: examples compared with lm-eval {compared}")
-    assert compared["acc"] >= 70 and compared["acc_norm"] >= 45, compared  # near-ties are rare
+    # near-ties are rare; acc_norm exists for ARC-e and PIQA (BoolQ has acc only)
+    assert compared["acc"] >= 3 * PER_TASK - 5 and compared["acc_norm"] >= 2 * PER_TASK - 5, compared

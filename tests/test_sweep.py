@@ -73,13 +73,13 @@ def sweep_command(path: Path, *extra: str) -> list[str]:
 
 
 def test_sqlite_sweep_completes_resumes_and_its_best_config_fits(fit_config, tmp_path, capsys):
-    path = write_sweep(tmp_path, fit_config)
+    path = write_sweep(tmp_path, fit_config, n_trials=3)
     assert main(["sweep", "run", "--config", str(path)]) == 0
     progress = capsys.readouterr().out
-    assert progress.count("COMPLETE value=") == 4 and "4/4 finished" in progress and "best: #" in progress
+    assert progress.count("COMPLETE value=") == 3 and "3/3 finished" in progress and "best: #" in progress
     study = study_of(path)
     trials = study.trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4 and [t.number for t in trials] == [0, 1, 2, 3]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 and [t.number for t in trials] == [0, 1, 2]
     for trial in trials:
         p = trial.params
         assert p["model.adapter.top_k"] <= p["model.adapter.num_experts"]
@@ -91,15 +91,15 @@ def test_sqlite_sweep_completes_resumes_and_its_best_config_fits(fit_config, tmp
         assert trial.user_attrs["trainable_params"] == record.trainable_params
         assert trial.user_attrs["config"]["model"]["optimizer"]["lr"] == pytest.approx(p["model.optimizer.lr"])
         assert Path(trial.user_attrs["run_dir"]).is_relative_to(tmp_path / "s")
-    # The same command resumes the study: one more trial to reach 5, the first four kept.
-    assert main(["sweep", "run", "--config", str(path), "--n-trials", "5"]) == 0
+    # The same command resumes the study: one more trial to reach 4, the first three kept.
+    assert main(["sweep", "run", "--config", str(path), "--n-trials", "4"]) == 0
     study = study_of(path)
-    assert len(study.trials) == 5 and study.trials[4].state == TrialState.COMPLETE
-    assert [t.params for t in study.trials[:4]] == [t.params for t in trials]
+    assert len(study.trials) == 4 and study.trials[3].state == TrialState.COMPLETE
+    assert [t.params for t in study.trials[:3]] == [t.params for t in trials]
     capsys.readouterr()
     assert main(["sweep", "status", "--config", str(path)]) == 0
     table = capsys.readouterr().out
-    assert table.count("COMPLETE") == 5 and "5 complete" in table
+    assert table.count("COMPLETE") == 4 and "4 complete" in table
     best_yaml = tmp_path / "best.yaml"
     assert main(["sweep", "best", "--storage", f"sqlite:///{tmp_path}/s.db", "--study-name", "s",
                  "--out", str(best_yaml)]) == 0
@@ -170,16 +170,13 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(fit_config, tmp_path,
 
 
 def test_a_killed_worker_s_trial_fails_after_the_grace_period_and_its_retry_resumes_it(fit_config, tmp_path):
-    short = {"trainer.max_steps": 2, "trainer.val_check_interval": 2}
     long = {"trainer.max_steps": 1000, "trainer.val_check_interval": 1000, "data.train_cap": 1200}
-    path = write_sweep(tmp_path, fit_config, fixed=short, heartbeat={"interval": 1, "grace_period": 3}, n_trials=1)
-    assert main(["sweep", "run", "--config", str(path)]) == 0  # trial 0 completes before the killing
-    path = write_sweep(tmp_path, fit_config, fixed=long, heartbeat={"interval": 1, "grace_period": 3}, n_trials=2)
+    path = write_sweep(tmp_path, fit_config, fixed=long, heartbeat={"interval": 1, "grace_period": 3}, n_trials=1)
     worker = subprocess.Popen(sweep_command(path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:  # wait until the trial's fit is training
-            if list((tmp_path / "s" / "trial_0001").rglob(runs.LAST_CHECKPOINT)):
+            if list((tmp_path / "s" / "trial_0000").rglob(runs.LAST_CHECKPOINT)):
                 break
             assert worker.poll() is None, "the worker ended before its trial trained"
             time.sleep(0.2)
@@ -189,25 +186,26 @@ def test_a_killed_worker_s_trial_fails_after_the_grace_period_and_its_retry_resu
         worker.send_signal(signal.SIGKILL)
         worker.wait()
     time.sleep(1)
-    alive = subprocess.run(["pgrep", "-f", "trial_0001"], capture_output=True, text=True).stdout.split()
+    alive = subprocess.run(["pgrep", "-f", str(tmp_path / "s" / "trial_0000")], capture_output=True,
+                           text=True).stdout.split()
     assert not alive, "the trial's fit outlived its killed worker"
-    assert [t.state for t in study_of(path).trials] == [TrialState.COMPLETE, TrialState.RUNNING]
+    assert [t.state for t in study_of(path).trials] == [TrialState.RUNNING]
     time.sleep(4)  # past the grace period
     # A second worker (the same command, shorter trials) fails the stale trial and runs its retry.
-    killed_at = torch.load(next((tmp_path / "s" / "trial_0001").rglob(runs.LAST_CHECKPOINT)), map_location="cpu",
+    killed_at = torch.load(next((tmp_path / "s" / "trial_0000").rglob(runs.LAST_CHECKPOINT)), map_location="cpu",
                            weights_only=False)["global_step"]
     resumed = {"trainer.max_steps": killed_at + 2, "trainer.val_check_interval": killed_at + 2,
                "data.train_cap": 1200}
-    path = write_sweep(tmp_path, fit_config, fixed=resumed, heartbeat={"interval": 1, "grace_period": 3}, n_trials=2)
+    path = write_sweep(tmp_path, fit_config, fixed=resumed, heartbeat={"interval": 1, "grace_period": 3}, n_trials=1)
     assert main(["sweep", "run", "--config", str(path)]) == 0
     trials = study_of(path).trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
-    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[2]) == 1
-    assert trials[2].params == trials[1].params
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[1]) == 0
+    assert trials[1].params == trials[0].params
     # The retry continues the killed trial's fit from its checkpoint, in its folder.
-    assert trials[2].user_attrs["resumed_trial"] == 1
-    assert trials[2].user_attrs["run_dir"].endswith("trial_0001/version_0")
-    record = runs.read_record(trials[2].user_attrs["run_dir"])
+    assert trials[1].user_attrs["resumed_trial"] == 0
+    assert trials[1].user_attrs["run_dir"].endswith("trial_0000/version_0")
+    record = runs.read_record(trials[1].user_attrs["run_dir"])
     assert record.status == "finished" and record.resumed_from.endswith(runs.LAST_CHECKPOINT)
     assert record.global_step == killed_at + 2
 
