@@ -223,6 +223,13 @@ def test_report_tables_groups_statistics_and_incomplete_runs(tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "Runs not included" in md and "killed" in md and "| mixlora |" in md and "(1 seed)" in md
     assert f"{100 * comparison['diff']:+.1f}" in md
+    # the top of the report says that runs are left out, before the first group's section
+    top = md[md.index("## Findings"):md.index("\n## ", md.index("## Findings") + 1)]
+    (line,) = [x for x in top.splitlines() if x.startswith("Not in these findings:")]
+    assert line.startswith("Not in these findings: 5 listed run path(s) (runs: ")
+    assert all(f"1 {status}" in line for status in listed.values())
+    html = (out / "report.html").read_text()
+    assert html.index("Not in these findings: 5") < html.index("<h2>Runs not included</h2>")
     printed = capsys.readouterr().out
     assert "mixlora - lora" in printed and "5 run(s) not included" in printed
 

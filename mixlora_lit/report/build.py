@@ -151,6 +151,21 @@ def study_finding(study: dict[str, Any]) -> str | None:
     return text + (" (dev split, one seed per setting)." if str(metric).startswith("val/") else ".")
 
 
+def not_included_text(incomplete: list[dict[str, Any]]) -> str | None:
+    """One line for the top of the report: how many listed runs the findings leave out, by label and
+    status (a study still under way shows here, not only at the bottom)."""
+    if not incomplete:
+        return None
+    counts: dict[str, dict[str, int]] = {}
+    for item in incomplete:
+        by_status = counts.setdefault(item.get("series") or "runs", {})
+        by_status[item["status"]] = by_status.get(item["status"], 0) + 1
+    parts = "; ".join(f"{label}: " + ", ".join(f"{n} {status}" for status, n in by_status.items())
+                      for label, by_status in counts.items())
+    return (f"Not in these findings: {len(incomplete)} listed run path(s) ({parts}); "
+            f"see 'Runs not included' below.")
+
+
 def finding_text(f: dict[str, Any]) -> str:
     where = " · ".join(x for x in (f["series"], f["base"], f"protocol {f['protocol']}") if x)
     losses = [f"{t} {100 * d:+.1f}" for t, d in f["per_task"].items() if d < 0]
@@ -396,12 +411,15 @@ def render_markdown(report: dict[str, Any]) -> str:
     out = [f"# {report['title']}", "", f"Generated {report['created']} by `{report['command']}`. Units: {report['units']}.",
            ""]
     sweeps = [line for line in (study_finding(s) for s in report["studies"]) if line]
-    if report.get("findings") or sweeps:
+    left_out = not_included_text(report["incomplete_runs"])
+    if report.get("findings") or sweeps or left_out:
         out += ["## Findings", "", "MixLoRA against LoRA and DoRA, test accuracy averaged over the tasks "
                 "(verdicts from the paired 95% CI; details, per-task tables and the methods of each group below):", ""]
         out += [f"- {_md(finding_text(f))}" for f in report["findings"]] + [""]
         if sweeps:
             out += ["Sweeps:", ""] + [f"- {_md(line)}" for line in sweeps] + [""]
+        if left_out:
+            out += [_md(left_out), ""]
     for i, g in enumerate(report["groups"]):
         series = f"{_md(g['series'])} · " if g.get("series") else ""
         out += [f"## {series}{_md(g['base'])} · protocol {_md(g['protocol'])} · {g['kind']} · {_md(', '.join(g['tasks']))}", "",
@@ -461,9 +479,10 @@ code{background:#f4f4f4;padding:1px 3px}
 </style></head><body>
 <h1>{{ report.title }}</h1>
 <p>Generated {{ report.created }} by <code>{{ report.command }}</code>. Units: {{ report.units }}.</p>
-{% if findings or sweep_findings %}<h2>Findings</h2><p>MixLoRA against LoRA and DoRA, test accuracy averaged over the
+{% if findings or sweep_findings or left_out %}<h2>Findings</h2><p>MixLoRA against LoRA and DoRA, test accuracy averaged over the
 tasks (verdicts from the paired 95% CI; details below):</p><ul>{% for f in findings %}<li>{{ f }}</li>{% endfor %}</ul>
-{% if sweep_findings %}<p>Sweeps:</p><ul>{% for f in sweep_findings %}<li>{{ f }}</li>{% endfor %}</ul>{% endif %}{% endif %}
+{% if sweep_findings %}<p>Sweeps:</p><ul>{% for f in sweep_findings %}<li>{{ f }}</li>{% endfor %}</ul>{% endif %}
+{% if left_out %}<p>{{ left_out }}</p>{% endif %}{% endif %}
 {% for g in report.groups %}
 <h2>{% if g.series %}{{ g.series }} · {% endif %}{{ g.base }} · protocol <code>{{ g.protocol }}</code> · {{ g.kind }} · {{ g.tasks | join(", ") }}</h2>
 <p>{{ g.split }} accuracy (%), mean ± std over seeds; the last column is the difference of the average to the
@@ -523,4 +542,5 @@ def render_html(report: dict[str, Any], figures: Path) -> str:
                                          study_header=STUDY_HEADER,
                                          comparison_header=COMPARISON_HEADER, cost_header=COST_HEADER,
                                          findings=[finding_text(f) for f in report.get("findings", [])],
-                                         sweep_findings=[x for x in (study_finding(s) for s in report["studies"]) if x])
+                                         sweep_findings=[x for x in (study_finding(s) for s in report["studies"]) if x],
+                                         left_out=not_included_text(report["incomplete_runs"]))
