@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 _SERVER = r"""
@@ -63,14 +62,7 @@ print(json.dumps([codes[i] for i in range(len(jobs))]))
 """
 
 
-@dataclass
-class Done:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_commands(commands: list[list[str]], env: dict[str, str], parallel: int = 3, timeout: float = 900) -> list[Done]:
+def run_commands(commands: list[list[str]], env: dict[str, str], parallel: int = 3, timeout: float = 900) -> list[subprocess.CompletedProcess]:
     """Each command's exit code, stdout and stderr, in order; `parallel` run at a time."""
     with tempfile.TemporaryDirectory(prefix="mixlora-cli-") as tmp:
         jobs = [[argv, str(Path(tmp) / f"{i}.out"), str(Path(tmp) / f"{i}.err")] for i, argv in enumerate(commands)]
@@ -79,4 +71,5 @@ def run_commands(commands: list[list[str]], env: dict[str, str], parallel: int =
         if server.returncode != 0:
             raise RuntimeError(f"the command server failed ({server.returncode}): {server.stderr[-3000:]}")
         codes = json.loads(server.stdout.strip().splitlines()[-1])
-        return [Done(code, Path(out).read_text(), Path(err).read_text()) for code, (_, out, err) in zip(codes, jobs)]
+        return [subprocess.CompletedProcess(argv, code, Path(out).read_text(), Path(err).read_text())
+                for code, (argv, out, err) in zip(codes, jobs)]
