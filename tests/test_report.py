@@ -324,6 +324,7 @@ def test_report_end_to_end_on_real_runs_and_a_study(tiny_model_dir, prepared_dat
     assert "paper: mixlora (LLaMA-2 7B)" in md and "## Study `study`" in md
     best = study["trials"][study["best"]]
     assert f"- study `study`: 2 complete trial(s); val/avg_acc best {best['values'][0]:.4g} (trial {best['number']}" in md
+    assert "one dev pass of at most 30 examples (6 per task)" in md  # the caps read from the trials' configs
     assert (out / "report.html").is_file() and any(f.startswith("g0_routing_") for f in figures)
     # The report command needs neither torch nor Lightning, studies included.
     code = ("import runpy, sys; sys.argv = ['mixlora-lit'] + sys.argv[1:]; "
@@ -334,6 +335,33 @@ def test_report_end_to_end_on_real_runs_and_a_study(tiny_model_dir, prepared_dat
                     f"sqlite:///{tmp_path}/study.db:study", "--out", str(tmp_path / "again"), "--n-resamples", "200"],
                    check=True, cwd=ROOT)
     assert json.loads((tmp_path / "again" / "report.json").read_text())["studies"][0]["name"] == "study"
+
+
+def test_sweep_finding_gives_means_per_setting_and_the_dev_pass_noise():
+    """The study line: per-value means of the discrete settings (a 2 x 2 grid, computed here by hand) and the
+    sampling standard error of a task-averaged accuracy, checked against scipy's binomial variance."""
+    from mixlora_lit.report.build import study_finding
+
+    caps = {"arc_easy": 50, "boolq": 50, "piqa": 40}
+    grid = [(4, 1, 0.30), (4, 2, 0.34), (8, 1, 0.26), (8, 2, 0.38)]
+    trials = [{"number": i, "state": "COMPLETE", "values": [v], "dev_cap_per_task": caps,
+               "params": {"model.adapter.num_experts": e, "model.adapter.top_k": k, "model.optimizer.lr": 1e-4 * (i + 1)}}
+              for i, (e, k, v) in enumerate(grid)]
+    trials.append({"number": 4, "state": "FAIL", "values": None, "dev_cap_per_task": caps,
+                   "params": {"model.adapter.num_experts": 16, "model.adapter.top_k": 1}})
+    line = study_finding({"name": "g", "directions": ["maximize"], "objectives": ["val/avg_acc"], "trials": trials})
+    assert "Mean objective per setting (trials): num_experts 4: 0.32 (2), 8: 0.32 (2); top_k 1: 0.28 (2), 2: 0.36 (2)." in line
+    assert "lr" not in line.split("Mean objective")[1]  # continuous settings are left to the figures
+    p = np.mean([v for *_, v in grid])
+    se = np.sqrt(sum(scipy_stats.binom(n, p).var() / n**2 for n in caps.values())) / len(caps)
+    assert f"at most 140 examples (40-50 per task) has a sampling standard error of about {100 * se:.1f} points" in line
+    assert f"less than {100 * 2 * np.sqrt(2) * se:.1f} points apart" in line
+    # Trials with different caps (or a loss objective) get no noise statement rather than a wrong one.
+    trials[0]["dev_cap_per_task"] = {"arc_easy": 10, "boolq": 10, "piqa": 10}
+    assert "Noise" not in study_finding({"name": "g", "directions": ["maximize"], "objectives": ["val/avg_acc"],
+                                         "trials": trials})
+    assert "Noise" not in study_finding({"name": "g", "directions": ["minimize"], "objectives": ["val/loss"],
+                                         "trials": trials[1:]})
 
 
 def test_findings_state_the_verdict_per_series_with_the_papers_gap_and_the_cost(tmp_path, capsys):

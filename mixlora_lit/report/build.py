@@ -148,7 +148,48 @@ def study_finding(study: dict[str, Any]) -> str | None:
     text = f"study `{study['name']}`: {len(complete)} complete trial(s); {metric} best {shown(ranked[0])}"
     if len(ranked) > 1:
         text += f", worst {shown(ranked[-1])}"
-    return text + (" (dev split, one seed per setting)." if str(metric).startswith("val/") else ".")
+    text += " (dev split, one seed per setting)." if str(metric).startswith("val/") else "."
+    return " ".join([text, *setting_means(complete), *([noise] if (noise := objective_noise(complete, metric)) else [])])
+
+
+def setting_means(complete: list[dict[str, Any]]) -> list[str]:
+    """The mean objective per value of each searched setting that takes few discrete values (expert count,
+    rank, top-k), with the number of trials behind each mean; continuous settings (learning rate) are left
+    to the figures. Outside a grid the other settings vary too, so these are marginal means, not effects."""
+    parts = []
+    names = sorted({k for t in complete for k in t["params"]}, key=lambda k: k.rsplit(".", 1)[-1])
+    for name in names:
+        values = [t["params"].get(name) for t in complete]
+        if any(v is None or isinstance(v, float) for v in values) or len(set(values)) < 2:
+            continue
+        by_value: dict[Any, list[float]] = {}
+        for t, v in zip(complete, values):
+            by_value.setdefault(v, []).append(t["values"][0])
+        cells = ", ".join(f"{v}: {sum(ys) / len(ys):.3g} ({len(ys)})"
+                          for v, ys in sorted(by_value.items(), key=lambda item: (type(item[0]).__name__, item[0])))
+        parts.append(f"{name.rsplit('.', 1)[-1]} {cells}")
+    if not parts:
+        return []
+    return [f"Mean objective per setting (trials): {'; '.join(parts)}."]
+
+
+def objective_noise(complete: list[dict[str, Any]], metric: str) -> str | None:
+    """How far apart two trials must be before the dev pass itself cannot explain it: the binomial standard
+    error of a task-averaged accuracy over the trials' dev caps, at the mean objective. Only for accuracy
+    objectives whose trials all had the same caps."""
+    caps = [t.get("dev_cap_per_task") for t in complete]
+    if "acc" not in str(metric) or not caps or caps[0] is None or any(c != caps[0] for c in caps):
+        return None
+    p = sum(t["values"][0] for t in complete) / len(complete)
+    if not 0 <= p <= 1:
+        return None
+    counts = list(caps[0].values())
+    se = math.sqrt(sum(p * (1 - p) / n for n in counts)) / len(counts)
+    per_task = f"{counts[0]} per task" if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)} per task"
+    return (f"Noise: one dev pass of at most {sum(counts)} examples ({per_task}) has a sampling standard error of "
+            f"about {100 * se:.1f} points at the mean objective ({p:.3g}), so two single trials less than "
+            f"{100 * 2 * math.sqrt(2) * se:.1f} points apart (2 x sqrt(2) x SE, about a 95% bound) are within "
+            f"that noise.")
 
 
 def not_included_text(incomplete: list[dict[str, Any]]) -> str | None:

@@ -195,6 +195,17 @@ def _drop_duplicate_seeds(config_runs: list[runs.Run], incomplete: list[dict[str
     return list(newest.values())
 
 
+def _dev_caps(config: Any) -> dict[str, int] | None:
+    """task -> the dev cap a trial's resolved config set (`data.dev_cap`, an int or a dict per task), or None
+    when a task had no cap (its whole dev split: the count is not in the config)."""
+    data = (config or {}).get("data") or {}
+    cap, tasks = data.get("dev_cap"), data.get("tasks") or []
+    caps = {t: cap.get(t) for t in tasks} if isinstance(cap, dict) else {t: cap for t in tasks}
+    if not caps or not all(isinstance(c, int) and c > 0 for c in caps.values()):
+        return None
+    return caps
+
+
 def collect_study(spec: str) -> dict[str, Any]:
     """`STORAGE_URL:STUDY_NAME` -> trials as plain data (needs optuna, not torch)."""
     import optuna
@@ -214,6 +225,7 @@ def collect_study(spec: str) -> dict[str, Any]:
         trials.append({"number": t.number, "state": t.state.name, "values": t.values, "params": t.params,
                        "intermediate": {int(k): v for k, v in t.intermediate_values.items()},
                        "user_attrs": {k: v for k, v in t.user_attrs.items() if k != "config"},
+                       "dev_cap_per_task": _dev_caps(t.user_attrs.get("config")),
                        "duration_s": t.duration.total_seconds() if t.duration else None})
     importances: dict[str, float] = {}
     complete = [t for t in trials if t["state"] == "COMPLETE"]
