@@ -194,6 +194,7 @@ def study_settings(study: dict[str, Any], path: Path) -> Path | None:
                 ax.scatter(xs, [y for _, y in points], s=22)
                 if xs and min(xs) > 0 and max(xs) / min(xs) >= 8:
                     ax.set_xscale("log")
+                    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels (2x10^1, ...) overlap
             if r == len(rows) - 1:
                 ax.set_xlabel(label, fontsize=8)
             if c == 0:
