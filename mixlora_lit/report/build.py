@@ -149,10 +149,10 @@ def study_finding(study: dict[str, Any]) -> str | None:
     if len(ranked) > 1:
         text += f", worst {shown(ranked[-1])}"
     text += " (dev split, one seed per setting)." if str(metric).startswith("val/") else "."
-    return " ".join([text, *setting_means(complete), *([noise] if (noise := objective_noise(complete, metric)) else [])])
+    return " ".join(x for x in (text, setting_means(complete), objective_noise(complete, metric)) if x)
 
 
-def setting_means(complete: list[dict[str, Any]]) -> list[str]:
+def setting_means(complete: list[dict[str, Any]]) -> str | None:
     """The mean objective per value of each searched setting that takes few discrete values (expert count,
     rank, top-k), with the number of trials behind each mean; continuous settings (learning rate) are left
     to the figures. Outside a grid the other settings vary too, so these are marginal means, not effects."""
@@ -168,9 +168,7 @@ def setting_means(complete: list[dict[str, Any]]) -> list[str]:
         cells = ", ".join(f"{v}: {sum(ys) / len(ys):.3g} ({len(ys)})"
                           for v, ys in sorted(by_value.items(), key=lambda item: (type(item[0]).__name__, item[0])))
         parts.append(f"{name.rsplit('.', 1)[-1]} {cells}")
-    if not parts:
-        return []
-    return [f"Mean objective per setting (trials): {'; '.join(parts)}."]
+    return f"Mean objective per setting (trials): {'; '.join(parts)}." if parts else None
 
 
 def objective_noise(complete: list[dict[str, Any]], metric: str) -> str | None:
