@@ -38,6 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import apply_malloc_setting, emit, write_profile  # noqa: E402
 
 METHODS = ("base", "fused", "lora")
+# Kernel variants of fused MixLoRA (not run by default): MixLoraMoeFFN attributes they set.
+VARIANTS = {"fused_grouped": {"grouped_mm": True},  # torch._grouped_mm over the experts' blocks
+            "fused_uniform": {"uniform_waste": float("inf")}}  # always one batched matmul (uniform blocks)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -55,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="passes over the timed batches")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + tuple(VARIANTS),
+                   help="also: " + ", ".join(f"{k} ({v})" for k, v in VARIANTS.items()))
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--profile", default=None, metavar="DIR", help="also write per-operator profiles here")
@@ -104,9 +108,10 @@ def build(method: str, model_section: dict):
     import torch
 
     from mixlora_lit.lightning.module import MixLoraLitModule, causal_lm
+    from mixlora_lit.moe import MixLoraMoeFFN
 
     adapter = dict(model_section.get("adapter", {}))
-    adapter["method"] = {"fused": "mixlora", "lora": "lora", "base": "base"}[method]
+    adapter["method"] = {"fused": "mixlora", "lora": "lora", "base": "base", **dict.fromkeys(VARIANTS, "mixlora")}[method]
     if method == "lora":
         adapter["match_rank"] = True
     torch.manual_seed(0)
@@ -114,6 +119,10 @@ def build(method: str, model_section: dict):
                               base_dtype=model_section.get("base_dtype", "bf16"), adapter=adapter)
     module.configure_model()
     module.train()
+    for layer in module.modules():
+        if isinstance(layer, MixLoraMoeFFN):
+            for key, value in VARIANTS.get(method, {}).items():
+                setattr(layer, key, value)
     if method == "base":  # the floor: gradients flow back to the input embeddings, no weight gradients
         causal_lm(module.model).enable_input_require_grads()
     params = [p for p in module.parameters() if p.requires_grad]
@@ -194,6 +203,9 @@ def main(argv=None) -> dict:
     results["real_batch_ratio_vs_base"] = ratio("fused", "base")
     results["real_batch_ratio_vs_lora"] = ratio("fused", "lora")
     results["lora_ratio_vs_base"] = ratio("lora", "base")
+    for variant in VARIANTS:
+        if variant in m:
+            results[f"{variant}_ratio_vs_fused"] = ratio(variant, "fused")
     for other in ("base", "lora"):
         r = batch_ratios("fused", other)
         results[f"per_batch_ratio_vs_{other}"] = ({"median": statistics.median(r), "min": min(r), "max": max(r)}
@@ -224,7 +236,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {r['pass_median_s']:.2f} | {r['pass_min_s']:.2f}-{r['pass_max_s']:.2f} "
                      f"| {r['step_median_s']:.3f} | {r['real_tokens_per_s']:.0f} | {rel} |")
     lines.append("")
-    for key in ("real_batch_ratio_vs_base", "real_batch_ratio_vs_lora", "lora_ratio_vs_base"):
+    for key in ("real_batch_ratio_vs_base", "real_batch_ratio_vs_lora", "lora_ratio_vs_base",
+                *(f"{v}_ratio_vs_fused" for v in VARIANTS if v in results["methods"])):
         value = results.get(key)
         lines.append(f"- `{key}`: {value:.3f}" if value is not None else f"- `{key}`: n/a")
     for other in ("base", "lora"):

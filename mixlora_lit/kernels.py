@@ -153,7 +153,9 @@ class ExpertPlan:
     """What `FusedLoraExperts` needs besides tensors: the routing layout and the LoRA constants."""
 
     def __init__(self, layout: ExpertLayout, num_adapted: int, rank: int, scalings: tuple[float, float, float],
-                 dropout_threshold: int, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+                 dropout_threshold: int, act_fn: Callable[[torch.Tensor], torch.Tensor], grouped: bool = False) -> None:
+        """grouped: run the products as `torch._grouped_mm` calls over all experts' blocks when the
+        layout has blocks of different sizes (the caller checks `grouped_mm_supported`)."""
         if layout.num_adapted != num_adapted:
             raise ValueError(f"the layout has {layout.num_adapted} adapted experts, the plan {num_adapted}")
         self.layout = layout
@@ -164,11 +166,12 @@ class ExpertPlan:
         self.act_fn = act_fn
         # `stacked_weights` computed ahead (a cache, for forwards without autograd), or None.
         self.stacks: list[torch.Tensor] | None = None
-
-    @property
-    def frozen_rows(self) -> int:
-        """Rows of the frozen-FFN block, which comes last."""
-        return sum(self.layout.counts[self.num_adapted:])
+        self.frozen_rows = sum(layout.counts[num_adapted:])  # rows of the frozen-FFN block, which comes last
+        self.adapted_rows = layout.num_rows - self.frozen_rows
+        self.grouped = grouped and not layout.uniform and self.adapted_rows > 0
+        # Where each adapted expert's block ends (grouped matmuls' `offs`).
+        self.offsets = (torch.tensor(layout.capacities[:num_adapted], device=layout.tokens.device).cumsum(0)
+                        .to(torch.int32) if self.grouped else None)
 
     def groups(self) -> list[tuple[int, int, slice, int]]:
         return self.layout.groups()
@@ -186,9 +189,55 @@ class ExpertPlan:
         return stacks
 
 
+def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *widths: int) -> bool:
+    """Whether `torch._grouped_mm` runs the kernel's products here: a build that has it, a dtype it
+    takes (not fp64), and every row width in bytes (hidden, FFN and rank sizes) a multiple of 16."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    return (hasattr(torch, "_grouped_mm") and device.type == "cpu"
+            and dtype in (torch.bfloat16, torch.float16, torch.float32) and all(w * size % 16 == 0 for w in widths))
+
+
 def _bmm_view(t: torch.Tensor, rows: slice, experts: int, size: int) -> torch.Tensor:
     """Rows `rows` of a [rows, n] tensor as [experts, size, n] (a view)."""
     return t[rows].view(experts, size, t.shape[-1])
+
+
+def block_mm(plan: ExpertPlan, a: torch.Tensor, w: torch.Tensor, acc: torch.Tensor | None = None,
+             alpha: float = 1.0) -> torch.Tensor:
+    """Per adapted expert e, the rows of e's block of `a` times w[e]: a [rows, K], w [E, K, N] (any
+    strides) -> [adapted rows, N]. With `acc` ([>= adapted rows, N]), adds alpha times that into
+    acc's first rows in place and returns acc."""
+    n_rows = plan.adapted_rows
+    if plan.grouped:
+        out = torch._grouped_mm(a[:n_rows], w, offs=plan.offsets)
+        if acc is None:
+            return out
+        acc[:n_rows].add_(out, alpha=alpha)
+        return acc
+    out = a.new_empty(n_rows, w.shape[-1]) if acc is None else acc
+    for e0, e1, sl, size in plan.groups():
+        if acc is None:
+            torch.bmm(_bmm_view(a, sl, e1 - e0, size), w[e0:e1], out=_bmm_view(out, sl, e1 - e0, size))
+        else:
+            _bmm_view(acc, sl, e1 - e0, size).baddbmm_(_bmm_view(a, sl, e1 - e0, size), w[e0:e1], alpha=alpha)
+    return out
+
+
+def block_mm_t(plan: ExpertPlan, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per adapted expert e, (e's rows of a)^T times (e's rows of b): a [rows, M], b [rows, N] ->
+    [E, M, N] (the weight gradients; undefined for an expert without rows)."""
+    n_rows = plan.adapted_rows
+    if plan.grouped:
+        return torch._grouped_mm(a[:n_rows].t(), b[:n_rows], offs=plan.offsets)
+    out = a.new_empty(plan.num_adapted, a.shape[-1], b.shape[-1])
+    for e0, e1, sl, size in plan.groups():
+        torch.bmm(_bmm_view(a, sl, e1 - e0, size).transpose(1, 2), _bmm_view(b, sl, e1 - e0, size), out=out[e0:e1])
+    return out
+
+
+def _with_frozen_rows(t: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
+    """[adapted rows, N] -> [rows, N]: zeros for the frozen-FFN block (none with top-k routing)."""
+    return torch.cat([t, t.new_zeros(plan.frozen_rows, t.shape[1])]) if plan.frozen_rows else t
 
 
 class FusedLoraExperts(torch.autograd.Function):
@@ -204,8 +253,9 @@ class FusedLoraExperts(torch.autograd.Function):
     Autograd would keep about six [T*k, F] tensors per layer (gate, act, up, h, the dropout mask
     and the dropped h); this keeps the adapted gate and up and the dropped positions, and recomputes the
     rest in backward. It also replaces ~60 small autograd nodes per expert with one. The weights are
-    cast once per call, stacked over experts, and each group of equal-size expert blocks (see
-    `ExpertLayout.groups`) runs as one batched matmul per product.
+    cast once per call, stacked over experts, and every product runs over all experts' blocks at
+    once (`block_mm`, `block_mm_t`: a batched matmul per group of equal-size blocks, see
+    `ExpertLayout.groups`, or one grouped matmul when `plan.grouped`).
     """
 
     @staticmethod
@@ -218,14 +268,9 @@ class FusedLoraExperts(torch.autograd.Function):
         xs = rows(x, plan.layout.tokens)
         g = rows(gate_base, plan.layout.tokens)
         u = rows(up_base, plan.layout.tokens)
-        groups = plan.groups()
-        lows_gu = []
-        for e0, e1, sl, size in groups:
-            n = e1 - e0
-            low = torch.bmm(_bmm_view(xs, sl, n, size), a_gu[e0:e1].transpose(1, 2))  # [n, size, 2r]
-            _bmm_view(g, sl, n, size).baddbmm_(low[..., :r], b_g[e0:e1].transpose(1, 2), alpha=s_gate)
-            _bmm_view(u, sl, n, size).baddbmm_(low[..., r:], b_u[e0:e1].transpose(1, 2), alpha=s_up)
-            lows_gu.append(low)
+        low_gu = block_mm(plan, xs, a_gu.transpose(1, 2))  # [adapted rows, 2r]
+        block_mm(plan, low_gu[:, :r], b_g.transpose(1, 2), acc=g, alpha=s_gate)
+        block_mm(plan, low_gu[:, r:], b_u.transpose(1, 2), acc=u, alpha=s_up)
         h = plan.act_fn(g).mul_(u)
         w = weights.to(dtype)
         # Dropout of the down LoRA's input: zero the dropped positions of h for the A_down matmuls
@@ -234,15 +279,9 @@ class FusedLoraExperts(torch.autograd.Function):
         if dropped is not None:
             dropped_values = h.view(-1)[dropped]
             h.view(-1).index_fill_(0, dropped, 0)
-        lora_out = torch.empty(h.shape[0], x.shape[1], dtype=dtype, device=x.device)
-        lora_out[h.shape[0] - plan.frozen_rows:].zero_()  # the frozen-FFN block has no down LoRA
-        lows_d = []
-        for e0, e1, sl, size in groups:
-            n = e1 - e0
-            # The dropout's 1 / (1 - p) (1 without dropout) is folded into the small A matrix.
-            low = torch.bmm(_bmm_view(h, sl, n, size), a_d[e0:e1].transpose(1, 2))  # [n, size, r]
-            torch.bmm(low, b_d[e0:e1].transpose(1, 2), out=_bmm_view(lora_out, sl, n, size))
-            lows_d.append(low)
+        # The dropout's 1 / (1 - p) (1 without dropout) is folded into the small A matrix.
+        low_d = block_mm(plan, h, a_d.transpose(1, 2))  # [adapted rows, r]
+        lora_out = _with_frozen_rows(block_mm(plan, low_d, b_d.transpose(1, 2)), plan)  # no down LoRA there
         if dropped is not None:
             h.view(-1).index_copy_(0, dropped, dropped_values)  # repeated positions carry equal values
         # The routing weights (and s_down) go in as embedding_bag's per-sample weights: no pass over h.
@@ -250,9 +289,9 @@ class FusedLoraExperts(torch.autograd.Function):
         h_sum = rows_summed(h, plan.layout.inv, plan.layout.k, w_assign)
         lora_sum = rows_summed(lora_out, plan.layout.inv, plan.layout.k, w_assign * s_down)
         ctx.plan = plan
-        ctx.lows_gu, ctx.lows_d = lows_gu, lows_d
         ctx.param_dtypes = [p.dtype for p in params]
-        ctx.save_for_backward(xs, g, u, weights, dropped, *stacks)  # xs: the gathered x, not gathered again
+        # xs: the gathered x, not gathered again
+        ctx.save_for_backward(xs, g, u, weights, dropped, low_gu, low_d, *stacks)
         return h_sum, lora_sum
 
     @staticmethod
@@ -264,10 +303,9 @@ class FusedLoraExperts(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_h_sum: torch.Tensor, grad_lora_sum: torch.Tensor):
         plan: ExpertPlan = ctx.plan
-        xs, g, u, weights, dropped, a_gu, b_g, b_u, a_d, b_d = ctx.saved_tensors
-        dtype = g.dtype
+        xs, g, u, weights, dropped, low_gu, low_d, a_gu, b_g, b_u, a_d, b_d = ctx.saved_tensors
+        dtype, r, n_rows = g.dtype, plan.rank, plan.adapted_rows
         s_gate, s_up, s_down = plan.scalings
-        groups = plan.groups()
         w = weights.to(dtype)
         # d loss / d (w h) and d loss / d lora_out per row (padding rows: their weight 0 stops them below)
         grad_hw = rows(grad_h_sum.to(dtype), plan.layout.tokens)
@@ -285,37 +323,26 @@ class FusedLoraExperts(torch.autograd.Function):
             w2_grad = grad_h.view(-1)[dropped]
             h.view(-1).index_fill_(0, dropped, 0)
         # Weight gradients per expert, stacked like the weights ([E, ...], in the compute dtype).
-        grad_a_gu, grad_b_g, grad_b_u, grad_a_d, grad_b_d = (torch.empty_like(t) for t in (a_gu, b_g, b_u, a_d, b_d))
+        t = block_mm(plan, grad_lora, b_d)  # [adapted rows, r]: d loss / d low_d, before the row's weight
+        grad_w[:n_rows] += (t * low_d).sum(dim=1, keepdim=True, dtype=acc) * s_down
+        row_scale = w[:n_rows] * s_down  # [adapted rows, 1]
+        grad_low = t.mul_(row_scale)
+        grad_b_d = block_mm_t(plan, grad_lora, low_d * row_scale)  # scales [., r], not [., H]
+        grad_a_d = block_mm_t(plan, grad_low, h)
+        block_mm(plan, grad_low, a_d, acc=grad_h)  # a_d holds the 1 / (1 - p)
         scale = keep_scale(plan.dropout_threshold)
-        for (e0, e1, sl, size), low in zip(groups, ctx.lows_d):
-            n = e1 - e0
-            g_lora = _bmm_view(grad_lora, sl, n, size)
-            t = torch.bmm(g_lora, b_d[e0:e1])  # [n, size, r]: d loss / d low, before the per-row weight
-            grad_w[sl] += (t * low).sum(dim=2, dtype=acc).view(-1, 1) * s_down
-            row_scale = _bmm_view(w, sl, n, size) * s_down  # [n, size, 1]
-            grad_low = t.mul_(row_scale)
-            torch.bmm(g_lora.transpose(1, 2), low * row_scale, out=grad_b_d[e0:e1])  # scales [., r], not [., H]
-            torch.bmm(grad_low.transpose(1, 2), _bmm_view(h, sl, n, size), out=grad_a_d[e0:e1])
-            _bmm_view(grad_h, sl, n, size).baddbmm_(grad_low, a_d[e0:e1])  # a_d holds the 1 / (1 - p)
         if scale != 1.0:
             grad_a_d.mul_(scale)
         if dropped is not None:
             grad_h.view(-1).index_copy_(0, dropped, w2_grad)
         grad_u = grad_h * act.detach()
         (grad_g,) = torch.autograd.grad(act, g_leaf, grad_h.mul_(u))
-        grad_xs = torch.empty_like(xs)
-        grad_xs[xs.shape[0] - plan.frozen_rows:].zero_()
-        r = plan.rank
-        for (e0, e1, sl, size), low in zip(groups, ctx.lows_gu):
-            n = e1 - e0
-            gg, gu = _bmm_view(grad_g, sl, n, size), _bmm_view(grad_u, sl, n, size)
-            grad_low = torch.cat([torch.bmm(gg, b_g[e0:e1]).mul_(s_gate), torch.bmm(gu, b_u[e0:e1]).mul_(s_up)], dim=2)
-            torch.bmm(grad_low.transpose(1, 2), _bmm_view(xs, sl, n, size), out=grad_a_gu[e0:e1])
-            torch.bmm(grad_low, a_gu[e0:e1], out=_bmm_view(grad_xs, sl, n, size))
-            torch.bmm(gg.transpose(1, 2), low[..., :r], out=grad_b_g[e0:e1])
-            torch.bmm(gu.transpose(1, 2), low[..., r:], out=grad_b_u[e0:e1])
-        grad_b_g.mul_(s_gate)
-        grad_b_u.mul_(s_up)
+        grad_low_gu = torch.cat([block_mm(plan, grad_g, b_g).mul_(s_gate), block_mm(plan, grad_u, b_u).mul_(s_up)],
+                                dim=1)  # [adapted rows, 2r]
+        grad_a_gu = block_mm_t(plan, grad_low_gu, xs)
+        grad_xs = _with_frozen_rows(block_mm(plan, grad_low_gu, a_gu), plan)
+        grad_b_g = block_mm_t(plan, grad_g, low_gu[:, :r]).mul_(s_gate)
+        grad_b_u = block_mm_t(plan, grad_u, low_gu[:, r:]).mul_(s_up)
         grad_x = rows_summed(grad_xs, plan.layout.inv, plan.layout.k)
         grad_gate = rows_summed(grad_g, plan.layout.inv, plan.layout.k)
         grad_up = rows_summed(grad_u, plan.layout.inv, plan.layout.k)

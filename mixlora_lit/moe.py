@@ -25,7 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from .config import FFN_TARGETS, MixLoraConfig
-from .kernels import ExpertLayout, ExpertPlan, FusedLoraExperts, RowGather, RowSum, compute_dtype
+from .kernels import (ExpertLayout, ExpertPlan, FusedLoraExperts, RowGather, RowSum, compute_dtype,
+                      grouped_mm_supported)
 from .lora import FastDropout, LoraAdapter, weight_cache
 from .routers import Routing, SwitchRouter, TopKRouter
 from .errors import UserError
@@ -81,6 +82,11 @@ class MixLoraMoeFFN(nn.Module):
         # When giving every expert the same block size (the largest count rounded up to this) costs
         # little padding, the kernel runs all experts as one batched matmul (see ExpertLayout). 0: never.
         self.uniform_bucket = 16
+        # ... when that adds at most this fraction of rows to the per-expert layout.
+        self.uniform_waste = 0.1
+        # Otherwise, run each product of all experts' blocks as one `torch._grouped_mm` (CPU; see
+        # kernels.grouped_mm_supported) instead of one batched matmul per expert.
+        self.grouped_mm = False
         act = getattr(mlp, "act_fn", None)
         if act is None:
             if config.act_fn is None:
@@ -240,14 +246,16 @@ class MixLoraMoeFFN(nn.Module):
 
     def _forward_fused_experts(self, source, gate_base, up_base, routing, layout):
         projections = [getattr(self, n) for n in FFN_TARGETS]  # gate, up, down
-        plan = ExpertPlan(layout, self.num_experts, projections[2].experts[0].r,
-                          tuple(p.experts[0].scaling for p in projections), self._expert_dropout_threshold(),
-                          self.act_fn)
-        params = [w for e in range(self.num_experts) for p in projections
-                  for w in (p.experts[e].lora_A.weight, p.experts[e].lora_B.weight)]
         # Under mixed precision (autocast) the inputs arrive in mixed dtypes: run the experts in
         # autocast's dtype, with autocast off inside (the kernel casts the fp32 masters itself).
         dtype = compute_dtype(source)
+        rank = projections[2].experts[0].r
+        grouped = self.grouped_mm and grouped_mm_supported(dtype, source.device, source.shape[1], gate_base.shape[1],
+                                                           rank)
+        plan = ExpertPlan(layout, self.num_experts, rank, tuple(p.experts[0].scaling for p in projections),
+                          self._expert_dropout_threshold(), self.act_fn, grouped)
+        params = [w for e in range(self.num_experts) for p in projections
+                  for w in (p.experts[e].lora_A.weight, p.experts[e].lora_B.weight)]
         if not torch.is_grad_enabled():  # evaluation: the stacked, cast weights last until a weight changes
             plan.stacks = weight_cache(self, "_stack_cache", params, (dtype, plan.dropout_threshold),
                                        lambda: plan.stacked_weights(params, dtype))
@@ -270,8 +278,8 @@ class MixLoraMoeFFN(nn.Module):
         # Sort (token, slot) assignments by expert so each expert reads one contiguous slice
         # (padded to `row_bucket` rows for the kernel, whose matmuls then repeat their shapes).
         plain = self._plain_lora_everywhere()
-        layout = (ExpertLayout(routing.experts.reshape(-1), self.num_experts, k, self.row_bucket, self.uniform_bucket)
-                  if plain else ExpertLayout(routing.experts.reshape(-1), self.num_experts, k))
+        layout = (ExpertLayout(routing.experts.reshape(-1), self.num_experts, k, self.row_bucket, self.uniform_bucket,
+                               self.uniform_waste) if plain else ExpertLayout(routing.experts.reshape(-1), self.num_experts, k))
         # The gate and up LoRAs of every expert read the same token x: one dropout mask per token
         # serves them all (drawn once per layer instead of once per expert and projection).
         shared = self._shared_lowrank()

@@ -16,7 +16,7 @@ from mixlora_lit import kernels
 from mixlora_lit.kernels import ExpertLayout, ExpertPlan, FusedLoraExperts
 from mixlora_lit.lora import dropped_positions
 
-T, H, FF, E, R = 12, 8, 10, 3, 4
+T, H, FF, E, R = 12, 8, 12, 3, 4  # fp32 rows of 8, 12 and 4 values: 16-byte multiples (grouped matmuls)
 SCALINGS = (0.5, 1.5, 2.0)
 
 
@@ -44,10 +44,11 @@ def _layout(experts, bucket):
     return layout
 
 
-def _kernel(experts, leaves, threshold, bucket):
+def _kernel(experts, leaves, threshold, bucket, grouped=False):
     x, gate_base, up_base, weights, *params = leaves
     layout = _layout(experts, bucket)
-    plan = ExpertPlan(layout, E, R, SCALINGS, threshold, F.silu)
+    plan = ExpertPlan(layout, E, R, SCALINGS, threshold, F.silu, grouped)
+    assert plan.grouped == (grouped and not layout.uniform)
     return FusedLoraExperts.apply(x, gate_base, up_base, layout.sorted_weights(weights), plan, *params)
 
 
@@ -116,6 +117,33 @@ def test_fused_lora_experts_matches_autograd_oracle(k, frozen_tokens, dropout, b
     assert sum(bool(g.abs().max() > 0) for g in o_grads) >= len(o_grads) - 1 - len(unused_params)
     for i, (a, b) in enumerate(zip(k_grads, o_grads)):
         assert (a - b).abs().max().item() < 1e-10, f"gradient of input {i}"
+
+
+@pytest.mark.parametrize("k,frozen_tokens,dropout,bucket,unused", [
+    (2, 0, 0.0, (1, 0), False), (2, 0, 0.1, (8, 0), False), (3, 4, 0.3, (4, 0), False), (1, 0, 0.3, (4, 0), True)])
+def test_grouped_matmul_path_matches_the_oracle(k, frozen_tokens, dropout, bucket, unused):
+    """The products as `torch._grouped_mm` calls (fp32: it takes no fp64) against the fp64 oracle."""
+    assert kernels.grouped_mm_supported(torch.float32, torch.device("cpu"), H, FF, R)
+    assert not kernels.grouped_mm_supported(torch.float64, torch.device("cpu"), H, FF, R)
+    threshold = int(round(dropout * 65536))
+    experts, leaves = _inputs(k, frozen_tokens, unused)
+    leaves32 = [t.detach().float().requires_grad_(True) for t in leaves]
+    cot = [torch.randn(T, FF, dtype=torch.float64), torch.randn(T, H, dtype=torch.float64)]
+    results = []
+    for fn, inputs, extra in ((_kernel, leaves32, (True,)), (_oracle, leaves, ())):
+        torch.manual_seed(7)
+        outs = fn(experts, inputs, threshold, bucket, *extra)
+        grads = torch.autograd.grad(sum((o * c.to(o.dtype)).sum() for o, c in zip(outs, cot)), inputs,
+                                    allow_unused=True)
+        results.append(([o.detach().double() for o in outs], grads))
+    (k_outs, k_grads), (o_outs, o_grads) = results
+    for a, b in zip(k_outs, o_outs):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    unused_params = range(4 + 6 * (E - 1), 4 + 6 * E) if unused else range(0)
+    assert all(k_grads[i] is None for i in unused_params)
+    for i, (a, b) in enumerate(zip(k_grads, o_grads)):
+        if i not in unused_params:
+            assert torch.allclose(a.double(), b, rtol=1e-4, atol=1e-3), f"gradient of input {i}"
 
 
 def test_default_path_runs_the_fused_kernel(monkeypatch):
