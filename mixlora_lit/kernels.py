@@ -166,6 +166,7 @@ class ExpertPlan:
         self.act_fn = act_fn
         # `stacked_weights` computed ahead (a cache, for forwards without autograd), or None.
         self.stacks: list[torch.Tensor] | None = None
+        self._groups: list[tuple[int, int, slice, int]] | None = None
         self.frozen_rows = sum(layout.counts[num_adapted:])  # rows of the frozen-FFN block, which comes last
         self.adapted_rows = layout.num_rows - self.frozen_rows
         self.grouped = grouped and not layout.uniform and self.adapted_rows > 0
@@ -174,7 +175,10 @@ class ExpertPlan:
                         .to(torch.int32) if self.grouped else None)
 
     def groups(self) -> list[tuple[int, int, slice, int]]:
-        return self.layout.groups()
+        """`ExpertLayout.groups`, computed once per plan (every product of the kernel loops over them)."""
+        if self._groups is None:
+            self._groups = self.layout.groups()
+        return self._groups
 
     def stacked_weights(self, params: tuple[torch.Tensor, ...], dtype: torch.dtype) -> list[torch.Tensor]:
         """The experts' LoRA weights stacked over experts and cast to `dtype` once per call:
@@ -192,9 +196,9 @@ class ExpertPlan:
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *widths: int) -> bool:
     """Whether `torch._grouped_mm` runs the kernel's products here: a build that has it, a dtype it
     takes (not fp64), and every row width in bytes (hidden, FFN and rank sizes) a multiple of 16."""
-    size = torch.tensor([], dtype=dtype).element_size()
     return (hasattr(torch, "_grouped_mm") and device.type == "cpu"
-            and dtype in (torch.bfloat16, torch.float16, torch.float32) and all(w * size % 16 == 0 for w in widths))
+            and dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and all(w * dtype.itemsize % 16 == 0 for w in widths))
 
 
 def _bmm_view(t: torch.Tensor, rows: slice, experts: int, size: int) -> torch.Tensor:
