@@ -29,7 +29,7 @@ MODELS = ("base", "mixlora", "merged")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="smollm2-135m")
-    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--dtype", default="auto", help="the base's dtype; auto: bf16 where the CPU runs it natively, else fp32")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--rank", type=int, default=16)
@@ -73,6 +73,9 @@ def build_models(args):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     allocator_tuned = apply_malloc_setting(args.malloc)
+    from mixlora_lit.base_models import dtype_name, parse_dtype
+
+    args.dtype = dtype_name(parse_dtype(args.dtype))  # `auto` resolved: the results name the dtype used
     import torch
 
     from mixlora_lit.base_models import load_tokenizer

@@ -36,6 +36,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import apply_malloc_setting, emit, write_profile  # noqa: E402
+from mixlora_lit.runs import cpu_model  # noqa: E402
 
 METHODS = ("base", "fused", "lora")
 # Kernel variants of fused MixLoRA (not run by default): MixLoraMoeFFN attributes they set.
@@ -52,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override adapter settings of the config (YAML values), e.g. lora_dropout=0 "
                         "target_modules=[gate_proj,up_proj,down_proj]")
     p.add_argument("--base", default=None, help="base model instead of the config's model.base")
+    p.add_argument("--dtype", default=None, help="the base's dtype instead of the config's model.base_dtype "
+                   "(auto: bf16 where the CPU runs it natively, else fp32)")
     p.add_argument("--data-dir", default=None, help="prepared data (default: the config's, else the mixlora-lit cache)")
     p.add_argument("--batches", type=int, default=12, help="timed batches (the first ones of the training loader)")
     p.add_argument("--warmup", type=int, default=3, help="batches run before timing (not counted)")
@@ -116,7 +119,7 @@ def build(method: str, model_section: dict):
         adapter["match_rank"] = True
     torch.manual_seed(0)
     module = MixLoraLitModule(base=model_section.get("base", "smollm2-135m"),
-                              base_dtype=model_section.get("base_dtype", "bf16"), adapter=adapter)
+                              base_dtype=model_section.get("base_dtype", "auto"), adapter=adapter)
     module.configure_model()
     module.train()
     for layer in module.modules():
@@ -146,6 +149,10 @@ def main(argv=None) -> dict:
     model_section = apply_overrides(model_section, args.adapter)
     if args.base:
         model_section["base"] = args.base
+    from mixlora_lit.base_models import dtype_name, parse_dtype
+
+    # The dtype `auto` resolves to on this machine, named in the results.
+    model_section["base_dtype"] = dtype_name(parse_dtype(args.dtype or model_section.get("base_dtype", "auto")))
     if args.data_dir:
         data_section = {**data_section, "data_dir": args.data_dir}
     batches = training_batches(data_section, args.warmup + args.batches)
@@ -180,8 +187,8 @@ def main(argv=None) -> dict:
         print(f"round {round_ + 1}/{args.rounds}: " + ", ".join(f"{m} {round_time[m]:.2f}s" for m in args.methods),
               flush=True)
     results = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "markdown", "profile")},
-               "base": model_section.get("base", "smollm2-135m"),
-               "torch": torch.__version__, "allocator_tuned": allocator_tuned, "lora_rank": rank,
+               "base": model_section.get("base", "smollm2-135m"), "dtype": model_section["base_dtype"],
+               "cpu": cpu_model(), "torch": torch.__version__, "allocator_tuned": allocator_tuned, "lora_rank": rank,
                "batch_shapes": shapes, "real_tokens_per_pass": real_tokens, "padded_tokens_per_pass": padded_tokens,
                "methods": {}}
     for method in args.methods:
@@ -221,7 +228,7 @@ def main(argv=None) -> dict:
 
 def markdown(results: dict) -> str:
     s = results["settings"]
-    lines = [f"{results['base']}, training batches of {os.path.relpath(s['config'], REPO)}: {len(results['batch_shapes'])} "
+    lines = [f"{results['base']} ({results.get('dtype', 'bf16')}, {results.get('cpu', 'CPU not recorded')}), training batches of {os.path.relpath(s['config'], REPO)}: {len(results['batch_shapes'])} "
              f"batches, {results['real_tokens_per_pass']} real tokens in {results['padded_tokens_per_pass']} "
              f"positions per pass, shapes {sorted(set(results['batch_shapes']))}; training loss at supervised "
              f"positions; {s['threads']} threads; median of {s['rounds']} interleaved passes after {s['warmup']} "

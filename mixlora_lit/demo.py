@@ -22,7 +22,7 @@ _TEXTS = [
 def run_demo(base: str = "smollm2-135m", out_dir: str = "runs/demo", steps: int = 3, seed: int = 42) -> dict:
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    model, tokenizer = load_base_model(base, dtype="bf16")
+    model, tokenizer = load_base_model(base, dtype="auto")
     print(f"loaded {base} ({type(model).__name__}) in {time.perf_counter() - t0:.1f}s")
     config = MixLoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, num_experts=8, top_k=2)
     mix = get_mixlora_model(model, config)
@@ -51,7 +51,7 @@ def run_demo(base: str = "smollm2-135m", out_dir: str = "runs/demo", steps: int 
     mix.save_pretrained(adapter_dir)
     with torch.no_grad():
         logits = mix(**batch).logits
-    fresh, _ = load_base_model(base, dtype="bf16")
+    fresh, _ = load_base_model(base, dtype="auto")
     reloaded = MixLoraModel.from_pretrained(fresh, adapter_dir)
     with torch.no_grad():
         logits2 = reloaded(**batch).logits

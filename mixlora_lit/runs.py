@@ -285,13 +285,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def hardware(threads: int | None = None, gpu: str | None = None, devices: int = 1) -> dict[str, Any]:
-    """CPU model and the threads the run computes with, or the GPU's name."""
+def hardware(threads: int | None = None, gpu: str | None = None, devices: int = 1,
+             **extra: Any) -> dict[str, Any]:
+    """CPU model and the threads the run computes with, or the GPU's name; `extra` (such as the
+    base's dtype and whether the device runs bf16 natively) is added as given."""
     out: dict[str, Any] = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
                            "platform": platform.platform()}
     if gpu:
         out["gpu"] = gpu
     out["devices"] = devices
+    out.update(extra)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -54,7 +55,7 @@ def test_gemma3_alias_loads_and_mixlora_starts_as_identity():
     assert torch.equal(mix.generate(**prompt, max_new_tokens=4, do_sample=False), expected_tokens)
 
 
-def test_bf16_is_the_default_dtype(tmp_path):
+def test_the_default_dtype_is_auto_and_explicit_dtypes_are_kept(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
 
@@ -64,6 +65,8 @@ def test_bf16_is_the_default_dtype(tmp_path):
                                   eos_token="<eos>")
     tok.save_pretrained(tmp_path)
     model, tokenizer = load_base_model(str(tmp_path))
+    assert next(model.parameters()).dtype == parse_dtype("auto")  # bf16 or fp32 by the CPU, tested below
+    model, _ = load_base_model(str(tmp_path), dtype="bf16")
     assert next(model.parameters()).dtype == torch.bfloat16
     assert tokenizer.pad_token == "<eos>"  # filled in from EOS
     model, _ = load_base_model(str(tmp_path), dtype="fp32")
@@ -77,6 +80,22 @@ def test_bad_sources_and_dtypes_are_explained(tmp_path):
         load_base_model(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match=r"dtype 'fp8' is invalid: expected one of"):
         parse_dtype("fp8")
+
+
+def _cpu_flags() -> set[str]:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU flags from /proc/cpuinfo")
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_native_bf16():
+    """The oracle is the kernel's CPU flags: bf16 needs AVX512-BF16 or AMX-BF16, else it is emulated."""
+    native = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    assert parse_dtype("auto") == parse_dtype(None) == (torch.bfloat16 if native else torch.float32)
+    assert parse_dtype("bf16") == torch.bfloat16  # an explicit dtype is kept whatever the CPU
+    assert parse_dtype("auto", "meta") == torch.float32
 
 
 def test_missing_package_names_the_install_command():

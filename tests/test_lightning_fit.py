@@ -77,6 +77,8 @@ def test_fit_with_test_after_fit_leaves_a_complete_run_record(tiny_model_dir, pr
     tokens_logged = sorted(float(r["train/tokens_per_sec"]) for r in _metrics(run_dir) if r.get("train/tokens_per_sec"))
     assert tokens_logged[0] <= record["tokens_per_s"] <= tokens_logged[-1]
     assert record["versions"]["torch"] == torch.__version__ and record["hardware"]["threads"] == torch.get_num_threads()
+    assert record["hardware"]["base_dtype"] == "float32"  # --model.base_dtype=fp32, as loaded
+    assert record["hardware"]["bf16_native"] == torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert record["run_name"] == "records" and record["adapter"]["num_experts"] == 4
     for split, per_task in (("val", 6), ("test", 6)):
         rows = _check_predictions_match_logged(run_dir, split, data_dir, per_task)

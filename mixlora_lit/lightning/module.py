@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, Metric
 
 from .. import adapter_io, runs
-from ..base_models import check_source, load_base_model
+from ..base_models import check_source, load_base_model, parse_dtype
 from ..baselines import get_lora_model, matched_lora_rank
 from ..config import MixLoraConfig
 from ..data.encoding import cloze_choice_scores, predict_label_tokens
@@ -101,8 +101,10 @@ class MixLoraLitModule(pl.LightningModule):
 
     Args:
         base: model alias (`smollm2-135m`, `gemma3-270m`), local HF directory or hub id.
-        base_dtype: dtype of the frozen base; adapters stay fp32 (`bf16` on CPU; on GPU also
-            `trainer.precision: bf16-mixed`).
+        base_dtype: dtype of the frozen base; adapters stay fp32. `auto`: bf16 where the device runs it
+            natively (GPUs; CPUs with AVX512-BF16 or AMX), else fp32 (AVX2-only CPUs emulate bf16, about
+            6x slower than fp32). On GPU also `trainer.precision: bf16-mixed`. The dtype used is in
+            run.json (`hardware.base_dtype`).
         adapter: the method and its hyperparameters (`AdapterSettings`).
         optimizer: AdamW settings and the learning-rate schedule (`OptimizerSettings`).
         execution_path: `fused` (default) or `reference` (MixLoRA only; the paper's formula as written).
@@ -114,7 +116,7 @@ class MixLoraLitModule(pl.LightningModule):
             (tens of seconds). See benchmarks/README.md for what it buys.
     """
 
-    def __init__(self, base: str = "smollm2-135m", base_dtype: Literal["bf16", "fp32", "fp16"] = "bf16",
+    def __init__(self, base: str = "smollm2-135m", base_dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto",
                  adapter: AdapterSettings = AdapterSettings(), optimizer: OptimizerSettings = OptimizerSettings(),
                  execution_path: Literal["fused", "reference"] = "fused", gradient_checkpointing: bool = False,
                  recompute_experts: bool = False, compile: bool = False) -> None:
@@ -150,7 +152,10 @@ class MixLoraLitModule(pl.LightningModule):
         if self.model is not None:
             return
         hp, a = self.hparams, self.adapter
-        base, self.tokenizer = load_base_model(hp.base, dtype=hp.base_dtype)
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        self.base_torch_dtype = parse_dtype(hp.base_dtype, device)
+        base, self.tokenizer = load_base_model(hp.base, dtype=self.base_torch_dtype)
         if self.mixlora_config is not None:
             model = get_mixlora_model(base, self.mixlora_config)
             model.set_execution_path(hp.execution_path)

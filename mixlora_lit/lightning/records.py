@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 
 from .. import runs
+from ..base_models import native_bf16
 from .callbacks import TokenThroughput
 
 
@@ -57,12 +58,13 @@ class RunRecorder(pl.Callback):
         self._previous: runs.RunRecord | None = None
 
     # ------------------------------------------------------------------ building the record
-    def _environment_info(self, trainer: pl.Trainer) -> dict[str, Any]:
+    def _environment_info(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         if self._environment is None:
             gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+            extra = {"bf16_native": native_bf16(trainer.strategy.root_device)}
             self._environment = {"versions": runs.package_versions(), "git_commit": runs.git_commit(),
                                  "hardware": runs.hardware(threads=torch.get_num_threads(), gpu=gpu,
-                                                           devices=trainer.world_size)}
+                                                           devices=trainer.world_size, **extra)}
         return self._environment
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, **changes: Any) -> runs.RunRecord:
@@ -74,8 +76,11 @@ class RunRecorder(pl.Callback):
                 protocol=getattr(dm, "protocol", "paper"), tasks=list(getattr(dm, "tasks", [])),
                 seed=int(seed) if seed is not None else None,
                 run_name=self.run_name, started_at=self._started_at, command=_command_line(),
-                **self._environment_info(trainer))
+                **self._environment_info(trainer, pl_module))
         record = self._record
+        dtype = getattr(pl_module, "base_torch_dtype", None)
+        if dtype is not None:  # what `base_dtype` (e.g. `auto`) resolved to, once the model is built
+            record.hardware["base_dtype"] = str(dtype).removeprefix("torch.")
         record.adapter = pl_module.describe_adapter()
         trainable, total = pl_module.parameter_counts()
         record.trainable_params, record.total_params = trainable, total
