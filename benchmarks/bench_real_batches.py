@@ -41,7 +41,9 @@ from mixlora_lit.runs import cpu_model  # noqa: E402
 METHODS = ("base", "fused", "lora")
 # Kernel variants of fused MixLoRA (not run by default): MixLoraMoeFFN attributes they set.
 VARIANTS = {"fused_grouped": {"grouped_mm": True},  # torch._grouped_mm over the experts' blocks
-            "fused_uniform": {"uniform_waste": float("inf")}}  # always one batched matmul (uniform blocks)
+            "fused_uniform": {"uniform_waste": float("inf")},  # always one batched matmul (uniform blocks)
+            "fused_nopad": {"row_bucket": 1, "uniform_bucket": 1},  # expert blocks not padded
+            "fused_pad16": {"row_bucket": 16}}  # expert blocks padded to 16 rows, not 64
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -78,10 +78,14 @@ class MixLoraMoeFFN(nn.Module):
         # 200 tokens at top-2 on SmolLM2's FFN; `benchmarks/README.md`).
         self.dense_inference_max_rows = 384
         # Pad each expert's rows to a multiple of this in the LoRA-experts kernel (see ExpertLayout).
-        self.row_bucket = 64
+        # None: 64 for bf16/fp16 or off the CPU (oneDNN builds a kernel per bf16 matmul shape; on an
+        # H100 no padding made the step 1.58x slower), 1 for fp32 on the CPU (MKL has no per-shape
+        # cost; unpadded was 0.944x the padded step's time on the quickstart's batches).
+        self.row_bucket: int | None = None
         # When giving every expert the same block size (the largest count rounded up to this) costs
         # little padding, the kernel runs all experts as one batched matmul (see ExpertLayout). 0: never.
-        self.uniform_bucket = 16
+        # None: 16 where rows are padded (above), else 1.
+        self.uniform_bucket: int | None = None
         # ... when that adds at most this fraction of rows to the per-expert layout.
         self.uniform_waste = 0.1
         # Otherwise, run each product of all experts' blocks as one `torch._grouped_mm` (CPU; see
@@ -268,6 +272,13 @@ class MixLoraMoeFFN(nn.Module):
             y = y + routing.weights.sum(dim=1, keepdim=True).to(y.dtype) * base_down.bias
         return y
 
+    def row_buckets(self, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+        """(row_bucket, uniform_bucket) for the kernel's inputs in `dtype` on `device`, `None` resolved."""
+        padded = device.type != "cpu" or dtype in (torch.bfloat16, torch.float16)
+        row = self.row_bucket if self.row_bucket is not None else (64 if padded else 1)
+        uniform = self.uniform_bucket if self.uniform_bucket is not None else (16 if padded else 1)
+        return row, uniform
+
     def _forward_fused(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         num_tokens = x.shape[0]
         k = routing.experts.shape[1]
@@ -278,7 +289,7 @@ class MixLoraMoeFFN(nn.Module):
         # Sort (token, slot) assignments by expert so each expert reads one contiguous slice
         # (padded to `row_bucket` rows for the kernel, whose matmuls then repeat their shapes).
         plain = self._plain_lora_everywhere()
-        layout = (ExpertLayout(routing.experts.reshape(-1), self.num_experts, k, self.row_bucket, self.uniform_bucket,
+        layout = (ExpertLayout(routing.experts.reshape(-1), self.num_experts, k, *self.row_buckets(compute_dtype(x), x.device),
                                self.uniform_waste) if plain else ExpertLayout(routing.experts.reshape(-1), self.num_experts, k))
         # The gate and up LoRAs of every expert read the same token x: one dropout mask per token
         # serves them all (drawn once per layer instead of once per expert and projection).

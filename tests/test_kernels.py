@@ -15,6 +15,7 @@ from mixlora_lit import MixLoraConfig, get_mixlora_model
 from mixlora_lit import kernels
 from mixlora_lit.kernels import ExpertLayout, ExpertPlan, FusedLoraExperts
 from mixlora_lit.lora import dropped_positions
+from mixlora_lit.moe import MixLoraMoeFFN
 
 T, H, FF, E, R = 12, 8, 12, 3, 4  # fp32 rows of 8, 12 and 4 values: 16-byte multiples (grouped matmuls)
 SCALINGS = (0.5, 1.5, 2.0)
@@ -162,3 +163,34 @@ def test_default_path_runs_the_fused_kernel(monkeypatch):
     ids, mask = batch()
     model(input_ids=ids, attention_mask=mask)
     assert len(calls) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_blocks_are_padded_only_for_half_precision_on_cpu(monkeypatch, dtype):
+    """oneDNN builds a kernel per bf16 matmul shape, so bf16 blocks are padded to few shapes;
+    fp32 (MKL) blocks are not padded. An explicit `row_bucket` wins."""
+    plans = []
+    original = kernels.FusedLoraExperts.apply
+
+    def spy(*args):
+        plans.append(args[4])
+        return original(*args)
+
+    monkeypatch.setattr(kernels.FusedLoraExperts, "apply", spy)
+    model = get_mixlora_model(tiny_llama().to(dtype), MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2))
+    ids, mask = batch()
+    model(input_ids=ids, attention_mask=mask)
+    for plan in plans:
+        counts, caps = plan.layout.counts[:4], plan.layout.capacities[:4]
+        if dtype == torch.float32:
+            assert caps == counts
+        else:
+            assert plan.layout.uniform and len(set(caps)) == 1 and caps[0] % 16 == 0 or \
+                all(c % 64 == 0 and c >= n for c, n in zip(caps, counts))
+            assert caps != counts  # this batch's counts are not all multiples of 16
+    plans.clear()
+    for module in model.modules():
+        if isinstance(module, MixLoraMoeFFN):
+            module.row_bucket, module.uniform_bucket = 8, 0
+    model(input_ids=ids, attention_mask=mask)
+    assert all(all(c % 8 == 0 for c in p.layout.capacities[:4]) for p in plans)
