@@ -220,7 +220,12 @@ def block_mm(plan: ExpertPlan, a: torch.Tensor, w: torch.Tensor, acc: torch.Tens
         return acc
     out = a.new_empty(n_rows, w.shape[-1]) if acc is None else acc
     for e0, e1, sl, size in plan.groups():
-        if acc is None:
+        if e1 - e0 == 1:  # one expert: a plain matmul on row slices (fewer view ops than a 1-batch bmm)
+            if acc is None:
+                torch.mm(a[sl], w[e0], out=out[sl])
+            else:
+                acc[sl].addmm_(a[sl], w[e0], alpha=alpha)
+        elif acc is None:
             torch.bmm(_bmm_view(a, sl, e1 - e0, size), w[e0:e1], out=_bmm_view(out, sl, e1 - e0, size))
         else:
             _bmm_view(acc, sl, e1 - e0, size).baddbmm_(_bmm_view(a, sl, e1 - e0, size), w[e0:e1], alpha=alpha)
@@ -235,6 +240,9 @@ def block_mm_t(plan: ExpertPlan, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
         return torch._grouped_mm(a[:n_rows].t(), b[:n_rows], offs=plan.offsets)
     out = a.new_empty(plan.num_adapted, a.shape[-1], b.shape[-1])
     for e0, e1, sl, size in plan.groups():
+        if e1 - e0 == 1:
+            torch.mm(a[sl].t(), b[sl], out=out[e0])
+            continue
         torch.bmm(_bmm_view(a, sl, e1 - e0, size).transpose(1, 2), _bmm_view(b, sl, e1 - e0, size), out=out[e0:e1])
     return out
 
