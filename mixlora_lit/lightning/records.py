@@ -58,7 +58,7 @@ class RunRecorder(pl.Callback):
         self._previous: runs.RunRecord | None = None
 
     # ------------------------------------------------------------------ building the record
-    def _environment_info(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    def _environment_info(self, trainer: pl.Trainer) -> dict[str, Any]:
         if self._environment is None:
             gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
             extra = {"bf16_native": native_bf16(trainer.strategy.root_device)}
@@ -76,7 +76,7 @@ class RunRecorder(pl.Callback):
                 protocol=getattr(dm, "protocol", "paper"), tasks=list(getattr(dm, "tasks", [])),
                 seed=int(seed) if seed is not None else None,
                 run_name=self.run_name, started_at=self._started_at, command=_command_line(),
-                **self._environment_info(trainer, pl_module))
+                **self._environment_info(trainer))
         record = self._record
         dtype = getattr(pl_module, "base_torch_dtype", None)
         if dtype is not None:  # what `base_dtype` (e.g. `auto`) resolved to, once the model is built
