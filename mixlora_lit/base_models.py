@@ -88,6 +88,11 @@ def converted_dir(alias: str) -> Path:
     return cache_dir() / "models" / alias
 
 
+# dtype names `parse_dtype` reads; the short name of each dtype comes first (`dtype_name`).
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+           "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
+
+
 def native_bf16(device: str | torch.device = "cpu") -> bool:
     """Whether bf16 matmuls run natively on `device`: a GPU with bf16 support, or a CPU with
     AVX512-BF16 or AMX (oneDNN's check). Elsewhere, e.g. on AVX2-only CPUs, bf16 is emulated and
@@ -107,17 +112,14 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "c
         return torch.bfloat16 if native_bf16(device) else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-             "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
-    if dtype not in names:
-        raise UserError(f"dtype {dtype!r} is invalid: expected one of {sorted([*names, 'auto'])}")
-    return names[dtype]
+    if dtype not in _DTYPES:
+        raise UserError(f"dtype {dtype!r} is invalid: expected one of {sorted([*_DTYPES, 'auto'])}")
+    return _DTYPES[dtype]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The short name of a dtype (`bf16`, `fp32`, ...), as `parse_dtype` reads it."""
-    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16", torch.float64: "fp64"}.get(
-        dtype, str(dtype).removeprefix("torch."))
+    return next((name for name, d in _DTYPES.items() if d == dtype), str(dtype).removeprefix("torch."))
 
 
 def prepare_alias(alias: str, force: bool = False) -> Path:
