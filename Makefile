@@ -78,8 +78,10 @@ system-deps:
 		else echo "missing$$missing and cannot install here: the tests that need them will skip"; fi; \
 	fi
 
+# Two phases (tests/run.sh): the tests without a real model in pytest-xdist workers, then the real-model
+# tests alone. PYTEST_ARGS go to both; PYTEST_WORKERS sets the first phase's workers (default 2).
 test: assets system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	PYTHON=$(BIN)/python bash tests/run.sh $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

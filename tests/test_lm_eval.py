@@ -131,6 +131,7 @@ def test_eval_command_on_a_saved_adapter_and_bad_input(tiny_model_dir, prepared_
     assert "has shape" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow
 def test_label_token_accuracy_matches_predictions_from_full_logits(smollm2_fp32, smollm2_tokenizer, prepared_data):
     """Projecting only the needed positions (logits_to_keep) picks what the full logits pick."""
     import torch

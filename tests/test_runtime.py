@@ -66,6 +66,7 @@ def test_step_benchmark_writes_the_issue_keys(tmp_path, tiny_model_dir):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--base", str(tiny_model_dir), "--batch", "1",
            "--seq", "32",
+           "--threads", "1",  # beside the other test worker (tests/run.sh)
            "--repeats", "1", "--warmup", "0", "--methods", "base", "lora", "fused", "reference",
            "--json", str(out), "--markdown", str(tmp_path / "bench.md")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -90,7 +91,7 @@ def test_real_batch_benchmark_times_the_data_modules_batches(tmp_path, tiny_mode
     data_dir, _ = prepared_data
     out = tmp_path / "real.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_real_batches.py"), "--base", str(tiny_model_dir),
-           "--data-dir", str(data_dir), "--batches", "2", "--warmup", "1", "--rounds", "1", "--json", str(out),
+           "--data-dir", str(data_dir), "--batches", "2", "--warmup", "1", "--rounds", "1", "--threads", "1", "--json", str(out),
            "--markdown", str(tmp_path / "real.md")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

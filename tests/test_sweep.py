@@ -73,13 +73,13 @@ def sweep_command(path: Path, *extra: str) -> list[str]:
 
 
 def test_sqlite_sweep_completes_resumes_and_its_best_config_fits(fit_config, tmp_path, capsys):
-    path = write_sweep(tmp_path, fit_config, n_trials=3)
+    path = write_sweep(tmp_path, fit_config, n_trials=2)
     assert main(["sweep", "run", "--config", str(path)]) == 0
     progress = capsys.readouterr().out
-    assert progress.count("COMPLETE value=") == 3 and "3/3 finished" in progress and "best: #" in progress
+    assert progress.count("COMPLETE value=") == 2 and "2/2 finished" in progress and "best: #" in progress
     study = study_of(path)
     trials = study.trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 and [t.number for t in trials] == [0, 1, 2]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 and [t.number for t in trials] == [0, 1]
     for trial in trials:
         p = trial.params
         assert p["model.adapter.top_k"] <= p["model.adapter.num_experts"]
@@ -91,15 +91,15 @@ def test_sqlite_sweep_completes_resumes_and_its_best_config_fits(fit_config, tmp
         assert trial.user_attrs["trainable_params"] == record.trainable_params
         assert trial.user_attrs["config"]["model"]["optimizer"]["lr"] == pytest.approx(p["model.optimizer.lr"])
         assert Path(trial.user_attrs["run_dir"]).is_relative_to(tmp_path / "s")
-    # The same command resumes the study: one more trial to reach 4, the first three kept.
-    assert main(["sweep", "run", "--config", str(path), "--n-trials", "4"]) == 0
+    # The same command resumes the study: one more trial to reach 3, the first two kept.
+    assert main(["sweep", "run", "--config", str(path), "--n-trials", "3"]) == 0
     study = study_of(path)
-    assert len(study.trials) == 4 and study.trials[3].state == TrialState.COMPLETE
-    assert [t.params for t in study.trials[:3]] == [t.params for t in trials]
+    assert len(study.trials) == 3 and study.trials[2].state == TrialState.COMPLETE
+    assert [t.params for t in study.trials[:2]] == [t.params for t in trials]
     capsys.readouterr()
     assert main(["sweep", "status", "--config", str(path)]) == 0
     table = capsys.readouterr().out
-    assert table.count("COMPLETE") == 4 and "4 complete" in table
+    assert table.count("COMPLETE") == 3 and "3 complete" in table
     best_yaml = tmp_path / "best.yaml"
     assert main(["sweep", "best", "--storage", f"sqlite:///{tmp_path}/s.db", "--study-name", "s",
                  "--out", str(best_yaml)]) == 0
@@ -331,7 +331,11 @@ def test_a_grid_runs_every_point_once_in_file_order_and_commits_each_finished_ru
     (repo / "elsewhere.txt").write_text("staged by someone else: must not be committed with the study")
     _git(repo, "add", "elsewhere.txt")
     archive = repo / "reports" / "grid"
-    path = write_sweep(tmp_path, fit_config, space=GRID_SPACE, sampler={"name": "GridSampler"},
+    # Two points, seeds in the file's order (not sorted: 2 before 1); the order over several dimensions is
+    # test_the_studys_tuning_sweeps_search_the_shipped_spaces_with_one_budget's (grid_points of main.yaml).
+    space = dict(GRID_SPACE, seed_everything={"type": "categorical", "choices": [2, 1]},
+                 **{"model.adapter.method": {"type": "categorical", "choices": ["lora"]}})
+    path = write_sweep(tmp_path, fit_config, space=space, sampler={"name": "GridSampler"},
                        fixed={"test_after_fit": True, "trainer.max_steps": 1, "trainer.val_check_interval": 1},
                        objective={"metric": "trainable_params"}, archive=str(archive))
     yaml_spec = yaml.safe_load(path.read_text())
@@ -339,7 +343,7 @@ def test_a_grid_runs_every_point_once_in_file_order_and_commits_each_finished_ru
     path.write_text(yaml.safe_dump(yaml_spec, sort_keys=False))
     assert main(["sweep", "run", "--config", str(path), "--commit"]) == 0
     trials = study_of(path).trials
-    expected = [{"seed_everything": s, "model.adapter.method": m} for s in (1, 2) for m in ("mixlora", "lora")]
+    expected = [{"seed_everything": s, "model.adapter.method": "lora"} for s in (2, 1)]
     assert [t.params for t in trials] == expected and all(t.state == TrialState.COMPLETE for t in trials)
     # Each finished run: a compact record (test predictions included, no checkpoint or adapter) and a commit.
     for trial in trials:
@@ -351,16 +355,16 @@ def test_a_grid_runs_every_point_once_in_file_order_and_commits_each_finished_ru
             Path(trial.user_attrs["run_dir"]) / "predictions" / "test.jsonl")
         assert not list(copy.rglob("*.ckpt")) and not (copy / runs.ADAPTER_DIR).exists()
     log = _git(repo, "log", "--format=%s").splitlines()
-    assert len(log) == 4 and all(f"s: trial {n} complete" in line for n, line in zip(range(3, -1, -1), log))
+    assert len(log) == 2 and all(f"s: trial {n} complete" in line for n, line in zip(range(1, -1, -1), log))
     assert "elsewhere.txt" not in _git(repo, "ls-tree", "-r", "--name-only", "HEAD")
     assert _git(repo, "status", "--porcelain", "--", "reports") == ""  # everything archived is committed
     # The committed study database is a consistent copy that Optuna reads.
     copy = optuna.load_study(study_name="s", storage=f"sqlite:///{archive / 's.db'}")
     assert [t.params for t in copy.trials] == expected
     progress = capsys.readouterr().out
-    assert "4/4 finished | a grid: every point runs, none is selected" in progress and "best: #" not in progress
+    assert "2/2 finished | a grid: every point runs, none is selected" in progress and "best: #" not in progress
     assert main(["sweep", "run", "--config", str(path), "--commit"]) == 0  # nothing left to run
-    assert "already has 4 finished trials" in capsys.readouterr().out and len(study_of(path).trials) == 4
+    assert "already has 2 finished trials" in capsys.readouterr().out and len(study_of(path).trials) == 2
 
 
 def test_sigterm_stops_a_grid_worker_and_the_next_run_continues_the_trial_from_its_checkpoint(fit_config, tmp_path):
