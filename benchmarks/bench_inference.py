@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_step import apply_malloc_setting, emit  # noqa: E402
+from bench_step import apply_malloc_setting, emit, write_profile  # noqa: E402
 
 MODELS = ("base", "mixlora", "merged")
 
@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned", help="as in bench_step.py")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--data-dir", default=None, help="prepared data (default: the mixlora-lit cache)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also write the per-operator profile of one generate() of base and mixlora to "
+                        "DIR/generate_<model>.txt (after the timed rounds)")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     return p.parse_args(argv)
@@ -123,8 +126,17 @@ def main(argv=None) -> dict:
     results["merged_vs_unmerged_eval_time"] = m["merged"]["eval_s"] / m["mixlora"]["eval_s"]
     results["merged_vs_unmerged_generate_time"] = m["merged"]["generate_s"] / m["mixlora"]["generate_s"]
     results["mixlora_vs_base_eval_time"] = m["mixlora"]["eval_s"] / m["base"]["eval_s"]
+    results["mixlora_vs_base_generate_time"] = m["mixlora"]["generate_s"] / m["base"]["generate_s"]
     results["merged_same_generations"] = bool(torch.equal(outputs["merged"][1], outputs["mixlora"][1]))
     results["merged_same_label_token_acc"] = outputs["merged"][0] == outputs["mixlora"][0]
+    if args.profile:
+        with torch.no_grad():
+            for name in ("base", "mixlora"):
+                write_profile(f"{args.profile}/generate_{name}.txt", lambda e, model=models[name]: model.generate(
+                    **e, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id), [enc],
+                    f"{name}: generate() of {args.new_tokens} new tokens for {args.gen_batch} prompts "
+                    f"{tuple(enc['input_ids'].shape)}, {args.dtype}, {args.threads} threads")
     return emit(results, markdown(results), args)
 
 
@@ -142,7 +154,8 @@ def markdown(results: dict) -> str:
     lines += ["",
               f"- merged / unmerged time: eval {results['merged_vs_unmerged_eval_time']:.3f}, "
               f"generate {results['merged_vs_unmerged_generate_time']:.3f}",
-              f"- MixLoRA / base eval time: {results['mixlora_vs_base_eval_time']:.3f}",
+              f"- MixLoRA / base time: eval {results['mixlora_vs_base_eval_time']:.3f}, "
+              f"generate {results['mixlora_vs_base_generate_time']:.3f}",
               f"- merged and unmerged give the same generations: {results['merged_same_generations']}; "
               f"the same label-token accuracies: {results['merged_same_label_token_acc']}"]
     return "\n".join(lines)

@@ -123,3 +123,26 @@ def test_moe_layer_benchmark_times_each_path_it_names(tmp_path):
     for row in results["rows"] + trained["rows"]:
         assert row["ratio_vs_base"] == pytest.approx(row["mixlora_ms"] / row["base_ms"]) and row["base_ms"] > 0
     assert trained["rows"][0]["path"] == "fused" and json.loads(out.read_text())["rows"] == results["rows"]
+
+
+def test_inference_benchmark_reports_the_eval_and_generation_ratios(tmp_path, tiny_model_dir, prepared_data):
+    """benchmarks/bench_inference.py, tiny: the issue's eval and generation ratios are the quotients of the
+    medians it reports, merged and unmerged agree, and `--profile` writes each model's generate() profile."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_inference
+
+    data_dir, _ = prepared_data
+    out, profiles = tmp_path / "inference.json", tmp_path / "profiles"
+    results = bench_inference.main([
+        "--base", str(tiny_model_dir), "--dtype", "fp32", "--experts", "4", "--rank", "4", "--tasks", "arc_easy",
+        "boolq", "--limit", "4", "--eval-batch", "4", "--gen-batch", "2", "--new-tokens", "3", "--repeats", "1",
+        "--threads", "1", "--malloc", "default", "--data-dir", str(data_dir), "--json", str(out),
+        "--profile", str(profiles)])
+    m = results["models"]
+    assert set(m) == {"base", "mixlora", "merged"} and results["eval_examples"] == 2 * 4
+    assert results["mixlora_vs_base_eval_time"] == pytest.approx(m["mixlora"]["eval_s"] / m["base"]["eval_s"])
+    assert results["mixlora_vs_base_generate_time"] == pytest.approx(m["mixlora"]["generate_s"] / m["base"]["generate_s"])
+    assert results["merged_same_label_token_acc"] and results["merged_same_generations"]
+    for name in ("base", "mixlora"):
+        assert "aten::mm" in (profiles / f"generate_{name}.txt").read_text()
+    assert json.loads(out.read_text())["mixlora_vs_base_generate_time"] == results["mixlora_vs_base_generate_time"]
