@@ -91,8 +91,8 @@ def test_real_batch_benchmark_times_the_data_modules_batches(tmp_path, tiny_mode
     data_dir, _ = prepared_data
     out = tmp_path / "real.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_real_batches.py"), "--base", str(tiny_model_dir),
-           "--data-dir", str(data_dir), "--batches", "2", "--warmup", "1", "--rounds", "1", "--threads", "1", "--json", str(out),
-           "--markdown", str(tmp_path / "real.md")]
+           "--data-dir", str(data_dir), "--batches", "2", "--warmup", "1", "--rounds", "1", "--threads", "1",
+           "--json", str(out), "--markdown", str(tmp_path / "real.md")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())

@@ -333,8 +333,8 @@ def test_a_grid_runs_every_point_once_in_file_order_and_commits_each_finished_ru
     archive = repo / "reports" / "grid"
     # Two points, seeds in the file's order (not sorted: 2 before 1); the order over several dimensions is
     # test_the_studys_tuning_sweeps_search_the_shipped_spaces_with_one_budget's (grid_points of main.yaml).
-    space = dict(GRID_SPACE, seed_everything={"type": "categorical", "choices": [2, 1]},
-                 **{"model.adapter.method": {"type": "categorical", "choices": ["lora"]}})
+    space = {"seed_everything": {"type": "categorical", "choices": [2, 1]},
+             "model.adapter.method": {"type": "categorical", "choices": ["lora"]}}
     path = write_sweep(tmp_path, fit_config, space=space, sampler={"name": "GridSampler"},
                        fixed={"test_after_fit": True, "trainer.max_steps": 1, "trainer.val_check_interval": 1},
                        objective={"metric": "trainable_params"}, archive=str(archive))
