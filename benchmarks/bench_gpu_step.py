@@ -297,16 +297,16 @@ def probe_layout_and_dropout(model, step, ids, device) -> dict:
     orig_drop_lora, orig_drop_kernels = lora.dropped_positions, getattr(kernels, "dropped_positions", None)
 
     class RecordingLayout(orig_layout):
-        def __init__(self, flat_experts, num_experts, k, bucket=1):
-            super().__init__(flat_experts, num_experts, k, bucket)
+        def __init__(self, flat_experts, num_experts, k, bucket=1, *args, **kwargs):
+            super().__init__(flat_experts, num_experts, k, bucket, *args, **kwargs)
             seen["buckets"].add(bucket)
             seen["rows_padded"] += self.num_rows
             seen["rows_real"] += flat_experts.numel()
 
-    def recording_drop(numel, threshold, dev):
+    def recording_drop(numel, threshold, dev, *args):
         seen["dropout_calls"] += 1
         seen["dropout_sparse"] += int(threshold / 65536 <= getattr(lora, "SPARSE_DROPOUT_MAX_P", 0))
-        return orig_drop_lora(numel, threshold, dev)
+        return orig_drop_lora(numel, threshold, dev, *args)
 
     moe.ExpertLayout = RecordingLayout
     lora.dropped_positions = recording_drop

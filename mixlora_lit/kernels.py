@@ -287,7 +287,8 @@ class FusedLoraExperts(torch.autograd.Function):
         w = weights.to(dtype)
         # Dropout of the down LoRA's input: zero the dropped positions of h for the A_down matmuls
         # and put the values back afterwards (h itself goes on to W2); no mask or copy of h.
-        dropped = dropped_positions(h.numel(), plan.dropout_threshold, h.device) if plan.dropout_threshold else None
+        dropped = (dropped_positions(h.numel(), plan.dropout_threshold, h.device, h.shape[1]) if plan.dropout_threshold
+                   else None)
         if dropped is not None:
             dropped_values = h.view(-1)[dropped]
             h.view(-1).index_fill_(0, dropped, 0)

@@ -33,22 +33,30 @@ def dropout_keep_mask(shape: torch.Size | tuple[int, ...], threshold: int, devic
 
 
 @torch.compiler.disable  # data-dependent size: under torch.compile it runs eagerly instead of recompiling per count
-def dropped_positions(numel: int, threshold: int, device: torch.device) -> torch.Tensor:
-    """Flat positions (int64, possibly repeated) of the elements that dropout zeroes.
+def dropped_positions(numel: int, threshold: int, device: torch.device, width: int | None = None) -> torch.Tensor:
+    """Flat positions (int64, possibly repeated) of the elements that dropout zeroes, in a tensor of
+    `numel` elements seen as rows of `width` (the last dimension; None: one row).
 
     Every element is dropped independently with probability p = threshold / 2**16, exactly as with a
     Bernoulli mask. For small p (the usual LoRA dropout of 0.05) the positions are drawn directly:
-    N ~ Poisson(n * lam) positions, uniform with replacement, lam = -ln(1 - p). By Poisson splitting
-    each element is then hit a Poisson(lam) number of times independently of the others, so it is
-    hit at least once with probability 1 - e^-lam = p. That draws about 0.05 n random numbers instead
-    of a mask of n, and the positions are all the caller needs to zero. For larger p they come from
-    a keep mask. (torch.randint's modulo reduction adds a relative bias below n / 2**32.)
+    each row gets N ~ Poisson(width * lam) positions, uniform within the row with replacement,
+    lam = -ln(1 - p). By Poisson splitting each element is then hit a Poisson(lam) number of times
+    independently of the others, so it is hit at least once with probability 1 - e^-lam = p. That
+    draws about 0.05 n random numbers instead of a mask of n, and the positions are all the caller
+    needs to zero. The positions come in row order, so the gathers and scatters that use them sweep
+    the tensor once instead of jumping around it (on CPU about twice as fast over a [1280, 1536]
+    fp32 tensor as uniformly scattered positions). For larger p they come from a keep mask.
+    (torch.randint's modulo reduction adds a relative bias below width / 2**32.)
     """
     p = threshold / 65536
     if p <= SPARSE_DROPOUT_MAX_P:
-        rate = torch.tensor(-math.log1p(-p) * numel, dtype=torch.float64)
-        count = int(torch.poisson(rate).item())
-        return torch.randint(numel, (count,), device=device)
+        width = width or numel
+        if numel % width:
+            raise ValueError(f"{numel} elements are not rows of {width}")
+        rate = torch.full((numel // width,), -math.log1p(-p) * width, dtype=torch.float64, device=device)
+        starts = torch.repeat_interleave(torch.arange(0, numel, width, device=device),
+                                         torch.poisson(rate).to(torch.int64))
+        return starts.add_(torch.randint(width, starts.shape, device=device))
     return torch.nonzero(~dropout_keep_mask((numel,), threshold, device)).squeeze(1)
 
 
@@ -94,7 +102,7 @@ class FastDropout(nn.Module):
 
     def zero_dropped(self, x: torch.Tensor) -> torch.Tensor:
         out = x.contiguous().clone()
-        out.view(-1).index_fill_(0, dropped_positions(x.numel(), self.threshold, x.device), 0)
+        out.view(-1).index_fill_(0, dropped_positions(x.numel(), self.threshold, x.device, x.shape[-1]), 0)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ def _oracle(experts, leaves, threshold, bucket):
     keep = None
     if threshold:
         keep = torch.ones(layout.num_rows * FF, dtype=torch.bool)
-        keep[dropped_positions(layout.num_rows * FF, threshold, x.device)] = False
+        keep[dropped_positions(layout.num_rows * FF, threshold, x.device, FF)] = False
         keep = keep.view(layout.num_rows, FF)
     p = threshold / 65536
     s_g, s_u, s_d = SCALINGS

@@ -81,21 +81,28 @@ def test_fast_dropout_drops_the_requested_fraction_and_keeps_the_mean(p):
     assert torch.equal(x.grad, out.detach())  # the gradient passes exactly where the value did
 
 
-@pytest.mark.parametrize("p", [0.05, 0.3])
-def test_dropped_positions_are_independent_bernoulli(p):
+@pytest.mark.parametrize("p,width", [(0.05, None), (0.05, 40), (0.3, 40)])  # drawn (one row, rows of 40), mask
+def test_dropped_positions_are_independent_bernoulli(p, width):
     """Each element dropped independently with probability p: the number dropped out of n varies
-    like a Binomial(n, p) (a fixed-size draw would not vary), and pairs are dropped together with
-    probability p**2."""
+    like a Binomial(n, p) (a fixed-size draw would not vary), pairs are dropped together with
+    probability p**2 (neighbours across a row boundary included), and every row's share is
+    Binomial(width, p) too (a fixed count per row would not vary). Drawn positions come in row order."""
     from mixlora_lit.lora import dropped_positions
 
     torch.manual_seed(1)
     n, draws, threshold = 4000, 400, int(round(p * 65536))
     masks = torch.zeros(draws, n, dtype=torch.bool)
     for i in range(draws):
-        masks[i, dropped_positions(n, threshold, torch.device("cpu"))] = True
+        pos = dropped_positions(n, threshold, torch.device("cpu"), width)
+        if p <= 0.125 and width:
+            assert torch.equal(pos // width, (pos // width).sort().values)
+        masks[i, pos] = True
     totals = masks.sum(dim=1).double()
     q = threshold / 65536
     assert abs(totals.mean().item() - n * q) < 5 * math.sqrt(n * q * (1 - q) / draws)
     assert 0.8 < totals.std().item() / math.sqrt(n * q * (1 - q)) < 1.2  # chi-square, 400 draws: +-0.18 at 5 sigma
+    if width:
+        per_row = masks.view(draws, -1, width).sum(dim=2).double()  # 40,000 rows of 40
+        assert 0.97 < per_row.std().item() / math.sqrt(width * q * (1 - q)) < 1.03
     both = (masks[:, :-1] & masks[:, 1:]).double().mean().item()
     assert abs(both - q * q) < 5 * math.sqrt(q * q / (draws * (n - 1) / 2))
