@@ -106,3 +106,43 @@ def test_dropped_positions_are_independent_bernoulli(p, width):
         assert 0.97 < per_row.std().item() / math.sqrt(width * q * (1 - q)) < 1.03
     both = (masks[:, :-1] & masks[:, 1:]).double().mean().item()
     assert abs(both - q * q) < 5 * math.sqrt(q * q / (draws * (n - 1) / 2))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.3])  # no dropout, drawn positions, keep mask
+def test_lora_linear_update_matches_the_formula_and_its_autograd(p):
+    """LoraLinear's training path (`LoraUpdate`: in place, hand-written backward) against the formula
+    written out with autograd in fp64, W x + b + s B A (x * keep / (1 - p)), with the keep mask made
+    from the same drawn positions (same seed); and the module's own autograd path against both."""
+    from torch import nn
+
+    from mixlora_lit.lora import LoraLinear, dropped_positions
+
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10, bias=True, dtype=torch.float64).requires_grad_(False)
+    layer = LoraLinear(base, r=4, lora_alpha=8, lora_dropout=p, adapter_dtype=torch.float64).train()
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    grad_out = torch.randn(3, 5, 10, dtype=torch.float64)
+
+    xi = x.clone().requires_grad_(True)
+    a = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    b = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    threshold = layer.lora_dropout.threshold if p else 0
+    keep = torch.ones(x.numel(), dtype=torch.float64)
+    torch.manual_seed(1)
+    if p:
+        keep[dropped_positions(x.numel(), threshold, x.device, 12)] = 0
+        assert 0 < (keep == 0).sum() < x.numel()
+    expected = base(xi) + layer.scaling * (xi * keep.view_as(x) * (65536 / (65536 - threshold))) @ a.t() @ b.t()
+    (expected * grad_out).sum().backward()
+
+    for fused in (True, False):
+        layer.fused_update = fused
+        layer.zero_grad()
+        xl = x.clone().requires_grad_(True)
+        torch.manual_seed(1)  # the same drawn positions
+        out = layer(xl)
+        (out * grad_out).sum().backward()
+        for got, want in ((out, expected), (xl.grad, xi.grad), (layer.lora_A.weight.grad, a.grad),
+                          (layer.lora_B.weight.grad, b.grad)):
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), fused
