@@ -7,10 +7,6 @@ lands on both alike. Usable while the kernel's interface (`ExpertPlan`, `FusedLo
 unchanged between the two commits.
 
     .venv/bin/python benchmarks/ab_kernel.py 172c422          # before session 11's restructuring
-    .venv/bin/python benchmarks/ab_kernel.py --attention-update   # LoraLinear: LoraUpdate vs autograd
-
-`--attention-update` instead compares the attention LoRAs' two training paths in the working tree
-(`LoraLinear.fused_update` True, "current", against False, "other": autograd over the formula).
 """
 
 from __future__ import annotations
@@ -44,38 +40,25 @@ def kernel_at(commit: str):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("commit", nargs="?", help="the other commit (its kernel is 'other'; the working tree's is 'current')")
-    p.add_argument("--attention-update", action="store_true",
-                   help="A/B LoraLinear.fused_update (current: True) instead of two kernels")
+    p.add_argument("commit", help="the other commit (its kernel is 'other'; the working tree's is 'current')")
     p.add_argument("--batches", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    if (args.commit is None) == (not args.attention_update):
-        p.error("give a commit or --attention-update (one of them)")
     apply_malloc_setting("tuned")
     import torch
 
     import mixlora_lit.moe as moe
-    from mixlora_lit.lora import LoraLinear
 
     torch.set_num_threads(args.threads)
-    if args.attention_update:
-        variants = {"other": False, "current": True}
-    else:
-        variants = {"other": kernel_at(args.commit), "current": moe.FusedLoraExperts}
+    variants = {"other": kernel_at(args.commit), "current": moe.FusedLoraExperts}
     model_section, data_section = load_sections(os.path.join(REPO, "configs", "quickstart.yaml"))
     batches = training_batches(data_section, args.warmup + args.batches)
-    module, step = build("fused", model_section)
-    attention = [m for m in module.modules() if isinstance(m, LoraLinear)]
+    _, step = build("fused", model_section)
 
     def run(name: str, batch) -> float:
-        if args.attention_update:
-            for m in attention:
-                m.fused_update = variants[name]
-        else:
-            moe.FusedLoraExperts = variants[name]
+        moe.FusedLoraExperts = variants[name]
         start = time.perf_counter()
         step(batch)
         return time.perf_counter() - start
@@ -94,8 +77,7 @@ def main(argv=None) -> None:
             totals[name].append(passed[name])
         print(f"round {round_ + 1}/{args.rounds}: " + ", ".join(f"{n} {t:.2f} s" for n, t in passed.items()), flush=True)
     median = {name: statistics.median(t) for name, t in totals.items()}
-    other = "autograd attention LoRA" if args.attention_update else args.commit
-    print(f"median pass: other ({other}) {median['other']:.2f} s, current {median['current']:.2f} s; "
+    print(f"median pass: other ({args.commit}) {median['other']:.2f} s, current {median['current']:.2f} s; "
           f"current / other {median['current'] / median['other']:.3f}")
 
 

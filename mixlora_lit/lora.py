@@ -200,52 +200,6 @@ class LoraAdapter(nn.Module):
         return out if bias is None else out + bias
 
 
-class LoraUpdate(torch.autograd.Function):
-    """base_out += scaling * drop(x) A^T B^T, in place, with a hand-written backward: the training
-    path of `LoraLinear` (plain LoRA, the base output in x's dtype).
-
-    Autograd over the same formula keeps a delta tensor and an addition per projection, a clone of
-    the input gradient for the dropout's backward, and about eight nodes; here the update goes into
-    the frozen layer's fresh output (whose own backward does not read it), the input gradient is
-    made fresh by the A product and zeroed in place at the dropped positions, and the dropout's
-    1 / (1 - p) and the scaling live in the small matrices. `dropped` is None without dropout.
-    """
-
-    @staticmethod
-    def forward(ctx, base_out: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
-                dropped: torch.Tensor | None, keep: float, scaling: float) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        if dropped is not None:
-            x2 = x2.clone()
-            x2.view(-1).index_fill_(0, dropped, 0)
-        a = weight_a.to(x.dtype) * keep  # new tensors, never the parameters
-        b = weight_b.to(x.dtype) * scaling
-        low = x2 @ a.t()
-        base_out.view(-1, base_out.shape[-1]).addmm_(low, b.t())
-        ctx.mark_dirty(base_out)
-        ctx.save_for_backward(x2, low, a, b, dropped)
-        ctx.scales = (keep, scaling)
-        ctx.x_shape = x.shape
-        return base_out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x2, low, a, b, dropped = ctx.saved_tensors
-        keep, scaling = ctx.scales
-        with torch.autocast(grad.device.type, enabled=False):
-            g2 = grad.reshape(-1, grad.shape[-1]).to(low.dtype)
-            grad_low = g2 @ b  # [N, r]: the scaling is in b
-            grad_x = None
-            if ctx.needs_input_grad[1]:
-                grad_x = grad_low @ a  # fresh: zeroed in place where the input was dropped (a holds 1 / (1 - p))
-                if dropped is not None:
-                    grad_x.view(-1).index_fill_(0, dropped, 0)
-                grad_x = grad_x.view(ctx.x_shape)
-            grad_a = (grad_low.t() @ x2).mul_(keep) if ctx.needs_input_grad[2] else None
-            grad_b = (g2.t() @ low).mul_(scaling) if ctx.needs_input_grad[3] else None
-        return grad, grad_x, grad_a, grad_b, None, None, None
-
-
 class LoraLinear(LoraAdapter):
     """A frozen `nn.Linear` with one LoRA (or DoRA) adapter; used for attention projections."""
 
@@ -256,8 +210,6 @@ class LoraLinear(LoraAdapter):
                          use_rslora, use_dora, base_weight=base_layer.weight, dtype=adapter_dtype,
                          device=base_layer.weight.device)
         self.base_layer = base_layer
-        # Training (autograd on): the update through `LoraUpdate` (False: autograd over `adapted_output`)
-        self.fused_update = True
         self.merged = False
         self._dora_norm: torch.Tensor | None = None
 
@@ -287,12 +239,6 @@ class LoraLinear(LoraAdapter):
             a, b = self.inference_weights(x.dtype)
             base_out.view(-1, base_out.shape[-1]).addmm_(F.linear(x.reshape(-1, x.shape[-1]), a), b.t())
             return base_out
-        if self.fused_update and not self.use_dora and base_out.dtype == x.dtype and base_out.is_contiguous():
-            drop = self.lora_dropout
-            active = isinstance(drop, FastDropout) and drop.active
-            dropped = dropped_positions(x.numel(), drop.threshold, x.device, x.shape[-1]) if active else None
-            return LoraUpdate.apply(base_out, x, self.lora_A.weight, self.lora_B.weight, dropped,
-                                    drop.keep_scale if active else 1.0, self.scaling)
         return self.adapted_output(x, base_out, self.base_layer)
 
     @torch.no_grad()
