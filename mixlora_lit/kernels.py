@@ -170,10 +170,6 @@ class ExpertPlan:
         self.frozen_rows = sum(layout.counts[num_adapted:])  # rows of the frozen-FFN block, which comes last
         self.adapted_rows = layout.num_rows - self.frozen_rows
         self.grouped = grouped and not layout.uniform and self.adapted_rows > 0
-        # Per-expert blocks (not uniform, not grouped): each block's rows and the experts that have
-        # rows; the products split their operands into blocks with one `split` call each.
-        self.block_rows = layout.capacities[:num_adapted]
-        self.active = [e for e, n in enumerate(layout.counts[:num_adapted]) if n]
         # Where each adapted expert's block ends (grouped matmuls' `offs`).
         self.offsets = (torch.tensor(layout.capacities[:num_adapted], device=layout.tokens.device).cumsum(0)
                         .to(torch.int32) if self.grouped else None)
@@ -205,14 +201,9 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *widths: int)
             and all(w * dtype.itemsize % 16 == 0 for w in widths))
 
 
-def _uniform_view(plan: ExpertPlan, t: torch.Tensor) -> torch.Tensor:
-    """The adapted rows of a [rows, n] tensor as [experts, rows per expert, n] (a uniform layout's view)."""
-    return t[:plan.adapted_rows].view(plan.num_adapted, -1, t.shape[-1])
-
-
-def _blocks(plan: ExpertPlan, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The adapted experts' row blocks of t (views, one per expert, empty where it has no rows)."""
-    return t[:plan.adapted_rows].split(plan.block_rows)
+def _bmm_view(t: torch.Tensor, rows: slice, experts: int, size: int) -> torch.Tensor:
+    """Rows `rows` of a [rows, n] tensor as [experts, size, n] (a view)."""
+    return t[rows].view(experts, size, t.shape[-1])
 
 
 def block_mm(plan: ExpertPlan, a: torch.Tensor, w: torch.Tensor, acc: torch.Tensor | None = None,
@@ -227,27 +218,18 @@ def block_mm(plan: ExpertPlan, a: torch.Tensor, w: torch.Tensor, acc: torch.Tens
             return out
         acc[:n_rows].add_(out, alpha=alpha)
         return acc
-    if plan.layout.uniform:  # all experts' blocks share one size: one batched matmul over [E, size, .]
-        out = a.new_empty(n_rows, w.shape[-1]) if acc is None else acc
-        if n_rows:
-            blocks, out_blocks = _uniform_view(plan, a), _uniform_view(plan, out)
+    out = a.new_empty(n_rows, w.shape[-1]) if acc is None else acc
+    for e0, e1, sl, size in plan.groups():
+        if e1 - e0 == 1:  # one expert: a plain matmul on row slices (fewer view ops than a 1-batch bmm)
             if acc is None:
-                torch.bmm(blocks, w, out=out_blocks)
+                torch.mm(a[sl], w[e0], out=out[sl])
             else:
-                out_blocks.baddbmm_(blocks, w, alpha=alpha)
-        return out
-    # One matmul per expert with rows, on views made by one split/unbind call per operand.
-    a_blocks, weights = _blocks(plan, a), w.unbind(0)
-    if acc is None:
-        out = a.new_empty(n_rows, w.shape[-1])
-        out_blocks = _blocks(plan, out)
-        for e in plan.active:
-            torch.mm(a_blocks[e], weights[e], out=out_blocks[e])
-        return out
-    acc_blocks = _blocks(plan, acc)
-    for e in plan.active:
-        acc_blocks[e].addmm_(a_blocks[e], weights[e], alpha=alpha)
-    return acc
+                acc[sl].addmm_(a[sl], w[e0], alpha=alpha)
+        elif acc is None:
+            torch.bmm(_bmm_view(a, sl, e1 - e0, size), w[e0:e1], out=_bmm_view(out, sl, e1 - e0, size))
+        else:
+            _bmm_view(acc, sl, e1 - e0, size).baddbmm_(_bmm_view(a, sl, e1 - e0, size), w[e0:e1], alpha=alpha)
+    return out
 
 
 def block_mm_t(plan: ExpertPlan, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -257,13 +239,11 @@ def block_mm_t(plan: ExpertPlan, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     if plan.grouped:
         return torch._grouped_mm(a[:n_rows].t(), b[:n_rows], offs=plan.offsets)
     out = a.new_empty(plan.num_adapted, a.shape[-1], b.shape[-1])
-    if plan.layout.uniform:
-        if n_rows:
-            torch.bmm(_uniform_view(plan, a).transpose(1, 2), _uniform_view(plan, b), out=out)
-        return out
-    a_blocks, b_blocks, out_blocks = _blocks(plan, a), _blocks(plan, b), out.unbind(0)
-    for e in plan.active:
-        torch.mm(a_blocks[e].t(), b_blocks[e], out=out_blocks[e])
+    for e0, e1, sl, size in plan.groups():
+        if e1 - e0 == 1:
+            torch.mm(a[sl].t(), b[sl], out=out[e0])
+            continue
+        torch.bmm(_bmm_view(a, sl, e1 - e0, size).transpose(1, 2), _bmm_view(b, sl, e1 - e0, size), out=out[e0:e1])
     return out
 
 
@@ -381,12 +361,9 @@ class FusedLoraExperts(torch.autograd.Function):
         grad_up = rows_summed(grad_u, plan.layout.inv, plan.layout.k)
         # Experts that got no rows get no gradient (None), as if they had not run.
         grad_params: list[torch.Tensor | None] = [None] * len(ctx.param_dtypes)
-        e_count, p_dtype = plan.num_adapted, ctx.param_dtypes[0]
-        # The stacked gradients as per-expert views (one unbind per stack)
-        per_param = [*grad_a_gu.to(p_dtype).view(e_count, 2, r, -1).unbind(1)] + [
-            t.to(p_dtype) for t in (grad_b_g, grad_b_u, grad_a_d, grad_b_d)]
-        per_expert = [t.unbind(0) for t in per_param]  # A_gate, A_up, B_gate, B_up, A_down, B_down
-        for e in plan.active:
-            ga_g, ga_u, gb_g, gb_u, ga_d, gb_d = (t[e] for t in per_expert)
-            grad_params[6 * e:6 * e + 6] = [ga_g, gb_g, ga_u, gb_u, ga_d, gb_d]
+        stacks = [t.to(ctx.param_dtypes[0]) for t in (grad_a_gu, grad_b_g, grad_b_u, grad_a_d, grad_b_d)]
+        for e, count in enumerate(plan.layout.counts[:plan.num_adapted]):
+            if count:
+                ga, gbg, gbu, gad, gbd = (s[e] for s in stacks)
+                grad_params[6 * e:6 * e + 6] = [ga[:r], gbg, ga[r:], gbu, gad, gbd]
         return (grad_x, grad_gate, grad_up, grad_w.to(weights.dtype), None, *grad_params)
