@@ -51,9 +51,12 @@ def dropped_positions(numel: int, threshold: int, device: torch.device, width: i
     p = threshold / 65536
     if p <= SPARSE_DROPOUT_MAX_P:
         width = width or numel
+        if numel == 0:
+            return torch.empty(0, dtype=torch.int64, device=device)
         if numel % width:
             raise ValueError(f"{numel} elements are not rows of {width}")
-        rate = torch.full((numel // width,), -math.log1p(-p) * width, dtype=torch.float64, device=device)
+        rate_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no fp64
+        rate = torch.full((numel // width,), -math.log1p(-p) * width, dtype=rate_dtype, device=device)
         starts = torch.repeat_interleave(torch.arange(0, numel, width, device=device),
                                          torch.poisson(rate).to(torch.int64))
         return starts.add_(torch.randint(width, starts.shape, device=device))

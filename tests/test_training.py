@@ -87,14 +87,14 @@ def test_dropped_positions_are_independent_bernoulli(p, width):
     like a Binomial(n, p) (a fixed-size draw would not vary), pairs are dropped together with
     probability p**2 (neighbours across a row boundary included), and every row's share is
     Binomial(width, p) too (a fixed count per row would not vary). Drawn positions come in row order."""
-    from mixlora_lit.lora import dropped_positions
+    from mixlora_lit.lora import SPARSE_DROPOUT_MAX_P, dropped_positions
 
     torch.manual_seed(1)
     n, draws, threshold = 4000, 400, int(round(p * 65536))
     masks = torch.zeros(draws, n, dtype=torch.bool)
     for i in range(draws):
         pos = dropped_positions(n, threshold, torch.device("cpu"), width)
-        if p <= 0.125 and width:
+        if p <= SPARSE_DROPOUT_MAX_P and width:
             assert torch.equal(pos // width, (pos // width).sort().values)
         masks[i, pos] = True
     totals = masks.sum(dim=1).double()
@@ -106,3 +106,4 @@ def test_dropped_positions_are_independent_bernoulli(p, width):
         assert 0.97 < per_row.std().item() / math.sqrt(width * q * (1 - q)) < 1.03
     both = (masks[:, :-1] & masks[:, 1:]).double().mean().item()
     assert abs(both - q * q) < 5 * math.sqrt(q * q / (draws * (n - 1) / 2))
+    assert dropped_positions(0, threshold, torch.device("cpu"), width).numel() == 0  # an empty tensor
