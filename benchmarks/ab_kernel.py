@@ -7,6 +7,10 @@ lands on both alike. Usable while the kernel's interface (`ExpertPlan`, `FusedLo
 unchanged between the two commits.
 
     .venv/bin/python benchmarks/ab_kernel.py 172c422          # before session 11's restructuring
+    .venv/bin/python benchmarks/ab_kernel.py 847307f --shape 8x256 --batches 3   # bench_step's batch size
+
+`--shape BxS` runs random token batches of that shape, every position supervised (the full-sequence
+loss of `bench_step.py`), instead of the quickstart's batches.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--shape", default=None, metavar="BxS", help="random batches of this shape instead")
     args = p.parse_args(argv)
     apply_malloc_setting("tuned")
     import torch
@@ -54,7 +59,15 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     variants = {"other": kernel_at(args.commit), "current": moe.FusedLoraExperts}
     model_section, data_section = load_sections(os.path.join(REPO, "configs", "quickstart.yaml"))
-    batches = training_batches(data_section, args.warmup + args.batches)
+    if args.shape:
+        size, seq = (int(n) for n in args.shape.lower().split("x"))
+        generator = torch.Generator().manual_seed(0)
+        batches = []
+        for _ in range(args.warmup + args.batches):
+            ids = torch.randint(100, 20000, (size, seq), generator=generator)
+            batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    else:
+        batches = training_batches(data_section, args.warmup + args.batches)
     _, step = build("fused", model_section)
 
     def run(name: str, batch) -> float:
