@@ -11,6 +11,39 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+# Tests that share an expensive module fixture, run by one pytest-xdist worker (which then builds the
+# fixture once) instead of split over both. xdist's own `--dist loadgroup` does not group under
+# pytest 9.2 (pytest-xdist issue 1386), so make test's default `load` mode gets this scheduler.
+XDIST_GROUPS = {
+    "tests/test_reliability.py::test_user_errors_are_one_line_naming_the_culprit": "catalogue",  # ~25 s
+    "tests/test_reliability.py::test_the_non_finite_step_is_named_and_its_last_good_checkpoint_kept": "catalogue",
+    "tests/test_reliability.py::test_sigkill_mid_epoch_then_ckpt_path_last_ends_like_an_uninterrupted_fit":
+        "reference",  # the reference fit, ~15 s
+    "tests/test_reliability.py::test_sigterm_writes_a_checkpoint_at_that_step_and_the_run_resumes_exactly": "reference",
+    "tests/test_hub_data.py": "hub_data",  # lm-eval's TaskManager, ~18 s
+    "tests/test_datamodule.py": "datamodule",  # the paper5 data module, ~11 s
+}
+
+
+def xdist_group(nodeid: str) -> str | None:
+    test = nodeid.split("[", 1)[0]
+    return XDIST_GROUPS.get(test) or XDIST_GROUPS.get(test.split("::", 1)[0])
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "load":
+        return None  # another --dist mode asked for: xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupedLoad(LoadScopeScheduling):
+        """`load` scheduling, except that each XDIST_GROUPS group is one unit of work."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid) or nodeid
+
+    return GroupedLoad(config, log)
+
+
 def tiny_llama(dtype=torch.float64, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
