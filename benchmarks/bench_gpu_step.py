@@ -544,12 +544,13 @@ def static_checks() -> dict:
                 sources[rel] = fh.read()
         except OSError:
             sources[rel] = ""
-    facts["row_bucket_default_line"] = next((ln.strip() for ln in sources["mixlora_lit/moe.py"].splitlines()
-                                             if "self.row_bucket =" in ln), None)
+    # MixLoRAMoE.row_buckets: which devices and dtypes get padded row buckets by default
+    facts["row_bucket_default_lines"] = [ln.strip() for ln in sources["mixlora_lit/moe.py"].splitlines()
+                                         if "padded = " in ln or "if padded else" in ln]
     # Lines that branch on the device kind (autocast's device.type arguments are not branches).
     facts["device_branches_in_moe_kernels_lora"] = [
         f"{k}: {ln.strip()}" for k, src in sources.items() if k != "mixlora_lit/cli.py" for ln in src.splitlines()
-        if any(t in ln for t in ('== "cuda"', "== 'cuda'", '== "cpu"', "== 'cpu'", "is_cuda", "is_available()"))]
+        if any(t in ln for t in ('= "cuda"', "= 'cuda'", '= "cpu"', "= 'cpu'", "is_cuda", "is_available()"))]
     facts["cli_tunes_allocator_at_startup"] = "tune_cpu_allocator()" in sources["mixlora_lit/cli.py"]
     return facts
 
