@@ -117,11 +117,15 @@ def test_sigkill_during_rewrites_never_leaves_a_half_written_record(tmp_path):
             "    runs.write_json_atomic(sys.argv[1], {'i': i, 'pad': ['x' * 100] * 20000})\n")
     seen = set()
     for attempt in range(6):
+        path.unlink(missing_ok=True)  # the last attempt's record
         child = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT)
-        deadline = time.time() + 30
-        while not path.exists() and time.time() < deadline:
+        # Kill it once it is rewriting in its loop: a later record each attempt (writes are synced, so on
+        # a loaded machine a fixed delay after the first write could land before the second, every time).
+        deadline = time.time() + 60
+        while not (path.exists() and json.loads(path.read_text())["i"] > attempt + 1):
+            assert time.time() < deadline and child.poll() is None, "the child did not rewrite its record"
             time.sleep(0.01)
-        time.sleep(0.05 + 0.037 * attempt)
+        time.sleep(0.01 + 0.013 * attempt)
         child.send_signal(signal.SIGKILL)
         child.wait()
         data = json.loads(path.read_text())  # always a whole record
