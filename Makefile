@@ -29,7 +29,7 @@ $(DEPS_STAMP): requirements.lock pyproject.toml
 	$(PIP) install --no-compile torch==2.13.0 $(QUIET)
 	$(PIP) install --no-compile -r requirements.lock $(QUIET)
 	$(PIP) install --no-deps -e . $(QUIET)
-	@# pip byte-compiles on one core; compileall on every core, about 40 s sooner on 2 (files some
+	@# pip byte-compiles on one core; compileall on every core, about 30 s sooner on 2 (files some
 	@# packages ship that do not compile, which pip skips too, are not errors here either)
 	$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null || true
 	$(BIN)/python -c "import torch, transformers, lightning, peft, lm_eval, optuna; print('torch', torch.__version__, '| transformers', transformers.__version__)"
