@@ -30,6 +30,7 @@ def xdist_group(nodeid: str) -> str | None:
     return XDIST_GROUPS.get(test) or XDIST_GROUPS.get(test.split("::", 1)[0])
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of xdist's: no error where xdist is off (-p no:xdist)
 def pytest_xdist_make_scheduler(config, log):
     if config.getoption("dist") != "load":
         return None  # another --dist mode asked for: xdist's own
