@@ -4,9 +4,8 @@
 # The reference `mixlora` package runs too when its folder travels with the tree (device tool:
 # carry [".venv/lib/python3.11/site-packages/mixlora"]); otherwise that method is skipped and said so.
 # Extra arguments go to the script (e.g. --models smollm2-135m --shapes 8x256).
-# Before spending device time, check that it runs here (CPU smoke run, about 2 minutes on 2 cores):
-#   PYTHONPATH=. .venv/bin/python benchmarks/bench_gpu_step.py --out /tmp/gpu-smoke --device cpu --layers 2 \
-#     --vocab-size 512 --shapes 2x32 --repeats 1 --warmup 1 --threads 2 --reference-code-path .venv/lib/python3.11/site-packages
+# Before spending device time, check that it runs here: the CPU smoke command in benchmarks/README.md
+# ("bench_gpu_step.py"), about 3 minutes on 2 cores (session 15: rc 0, every probe ran).
 set -o pipefail
 OUT="${OUT:-reports/gpu}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 | tee "$OUT/nvidia-smi.txt"

@@ -12,6 +12,7 @@ checks that both give the same values, and prints the medians. Not used by the l
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import time
 
@@ -82,7 +83,8 @@ def main() -> None:
 
     flags = args.flags.split(",")
     start = time.perf_counter()
-    ext = load_inline(f"probe_chain_{abs(hash(tuple(flags))) % 10**8}", cpp_sources=SOURCE,
+    name = "probe_chain_" + hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]  # one build per flag set
+    ext = load_inline(name, cpp_sources=SOURCE,
                       functions=["chain_a", "chain_b"], extra_cflags=[*flags, "-fopenmp"],
                       extra_ldflags=["-fopenmp"])
     print(f"built in {time.perf_counter() - start:.1f} s with {' '.join(flags)}")
