@@ -80,10 +80,7 @@ def _olmo_request(line: str, seen: dict[int, dict]) -> tuple[int, dict | None]:
     that layout is parsed whole."""
     at = line.rfind('"doc_id": ')
     head = _REQUEST_HEAD.match(line)
-    if at < 0 or head is None:
-        request = json.loads(line)
-        return request["doc_id"], request["doc"]
-    doc_id, _ = _DECODER.raw_decode(line, at + len('"doc_id": '))
+    doc_id = _DECODER.raw_decode(line, at + len('"doc_id": '))[0] if at >= 0 and head else None
     if not isinstance(doc_id, int):
         request = json.loads(line)
         return request["doc_id"], request["doc"]
