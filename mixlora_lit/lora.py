@@ -33,34 +33,41 @@ def dropout_keep_mask(shape: torch.Size | tuple[int, ...], threshold: int, devic
 
 
 @torch.compiler.disable  # data-dependent size: under torch.compile it runs eagerly instead of recompiling per count
-def dropped_positions(numel: int, threshold: int, device: torch.device, width: int | None = None) -> torch.Tensor:
+def dropped_positions(numel: int, threshold: int, device: torch.device, width: int | None = None,
+                      row_order: bool | None = None) -> torch.Tensor:
     """Flat positions (int64, possibly repeated) of the elements that dropout zeroes, in a tensor of
     `numel` elements seen as rows of `width` (the last dimension; None: one row).
 
     Every element is dropped independently with probability p = threshold / 2**16, exactly as with a
-    Bernoulli mask. For small p (the usual LoRA dropout of 0.05) the positions are drawn directly:
-    each row gets N ~ Poisson(width * lam) positions, uniform within the row with replacement,
-    lam = -ln(1 - p). By Poisson splitting each element is then hit a Poisson(lam) number of times
-    independently of the others, so it is hit at least once with probability 1 - e^-lam = p. That
-    draws about 0.05 n random numbers instead of a mask of n, and the positions are all the caller
-    needs to zero. The positions come in row order, so the gathers and scatters that use them sweep
-    the tensor once instead of jumping around it (on CPU about twice as fast over a [1280, 1536]
-    fp32 tensor as uniformly scattered positions). For larger p they come from a keep mask.
+    Bernoulli mask. For small p (the usual LoRA dropout of 0.05) the positions are drawn directly,
+    N ~ Poisson(n * lam) of them, uniform with replacement, lam = -ln(1 - p). By Poisson splitting
+    each element is then hit a Poisson(lam) number of times independently of the others, so it is
+    hit at least once with probability 1 - e^-lam = p. That draws about 0.05 n random numbers
+    instead of a mask of n, and the positions are all the caller needs to zero.
+
+    With `row_order` (default: on the CPU only) each row draws its own count (Poisson(width * lam)), so the positions come in row
+    order and the gathers and scatters that use them sweep the tensor once (about twice as fast over
+    a [1280, 1536] fp32 tensor as scattered positions). Without it (default off the CPU) the one count
+    comes from the host's generator: per-row counts drawn on the device would need their total on the host, a
+    synchronisation that stalls a GPU at every call, and scattered positions cost a GPU nothing
+    extra. For larger p the positions come from a keep mask (`nonzero`, which synchronises).
     (torch.randint's modulo reduction adds a relative bias below width / 2**32.)
     """
     p = threshold / 65536
-    if p <= SPARSE_DROPOUT_MAX_P:
-        width = width or numel
-        if numel == 0:
-            return torch.empty(0, dtype=torch.int64, device=device)
-        if numel % width:
-            raise ValueError(f"{numel} elements are not rows of {width}")
-        rate_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no fp64
-        rate = torch.full((numel // width,), -math.log1p(-p) * width, dtype=rate_dtype, device=device)
-        starts = torch.repeat_interleave(torch.arange(0, numel, width, device=device),
-                                         torch.poisson(rate).to(torch.int64))
-        return starts.add_(torch.randint(width, starts.shape, device=device))
-    return torch.nonzero(~dropout_keep_mask((numel,), threshold, device)).squeeze(1)
+    if p > SPARSE_DROPOUT_MAX_P:
+        return torch.nonzero(~dropout_keep_mask((numel,), threshold, device)).squeeze(1)
+    if numel == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    lam = -math.log1p(-p)
+    if not (torch.device(device).type == "cpu" if row_order is None else row_order):
+        count = int(torch.poisson(torch.tensor(lam * numel, dtype=torch.float64)).item())  # a host tensor
+        return torch.randint(numel, (count,), device=device)
+    width = width or numel
+    if numel % width:
+        raise ValueError(f"{numel} elements are not rows of {width}")
+    rate = torch.full((numel // width,), lam * width, dtype=torch.float64, device=device)
+    starts = torch.repeat_interleave(torch.arange(0, numel, width, device=device), torch.poisson(rate).to(torch.int64))
+    return starts.add_(torch.randint(width, starts.shape, device=device))
 
 
 def weight_cache(owner: nn.Module, attr: str, params: tuple[torch.Tensor, ...] | list[torch.Tensor],

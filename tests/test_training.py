@@ -81,20 +81,21 @@ def test_fast_dropout_drops_the_requested_fraction_and_keeps_the_mean(p):
     assert torch.equal(x.grad, out.detach())  # the gradient passes exactly where the value did
 
 
-@pytest.mark.parametrize("p,width", [(0.05, None), (0.05, 40), (0.3, 40)])  # drawn (one row, rows of 40), mask
-def test_dropped_positions_are_independent_bernoulli(p, width):
+@pytest.mark.parametrize("p,width,row_order", [(0.05, None, None), (0.05, 40, None), (0.3, 40, None), (0.05, 40, False)])
+def test_dropped_positions_are_independent_bernoulli(p, width, row_order):
     """Each element dropped independently with probability p: the number dropped out of n varies
     like a Binomial(n, p) (a fixed-size draw would not vary), pairs are dropped together with
     probability p**2 (neighbours across a row boundary included), and every row's share is
-    Binomial(width, p) too (a fixed count per row would not vary). Drawn positions come in row order."""
+    Binomial(width, p) too (a fixed count per row would not vary). Drawn positions come in row order
+    on the CPU; `row_order=False` is the one-count draw other devices use (no host-device sync)."""
     from mixlora_lit.lora import SPARSE_DROPOUT_MAX_P, dropped_positions
 
     torch.manual_seed(1)
     n, draws, threshold = 4000, 400, int(round(p * 65536))
     masks = torch.zeros(draws, n, dtype=torch.bool)
     for i in range(draws):
-        pos = dropped_positions(n, threshold, torch.device("cpu"), width)
-        if p <= SPARSE_DROPOUT_MAX_P and width:
+        pos = dropped_positions(n, threshold, torch.device("cpu"), width, row_order)
+        if p <= SPARSE_DROPOUT_MAX_P and width and row_order is None:
             assert torch.equal(pos // width, (pos // width).sort().values)
         masks[i, pos] = True
     totals = masks.sum(dim=1).double()
@@ -106,4 +107,4 @@ def test_dropped_positions_are_independent_bernoulli(p, width):
         assert 0.97 < per_row.std().item() / math.sqrt(width * q * (1 - q)) < 1.03
     both = (masks[:, :-1] & masks[:, 1:]).double().mean().item()
     assert abs(both - q * q) < 5 * math.sqrt(q * q / (draws * (n - 1) / 2))
-    assert dropped_positions(0, threshold, torch.device("cpu"), width).numel() == 0  # an empty tensor
+    assert dropped_positions(0, threshold, torch.device("cpu"), width, row_order).numel() == 0  # an empty tensor
