@@ -7,20 +7,21 @@ the weight values; the routing does a little (a random router over random activa
 tokens about evenly over the experts, as a trained one with the load-balance loss roughly does).
 
 Methods (forward + backward of the ordinary full-sequence LM loss, as in bench_step.py; no optimizer):
-  base            the frozen base, backward to the input embeddings (the floor every adapter pays)
-  lora            HF PEFT LoRA r=--lora-rank (80) on q,k,v,o,gate,up,down
-  fused           our MixLoRA default path (8 experts, top-2, r=16, attention LoRA, dropout 0.05)
-  reference       our per-expert path (model.set_execution_path('reference'))
-  reference_code  the `mixlora` 0.2.3 package, only if importable (see --reference-code-path);
-                  Llama only (it has no Gemma3 forward)
-CPU-specific choices of the fused path, switched the other way:
-  fused_pad1      expert blocks NOT padded (MixLoraMoeFFN.row_bucket = 1; default 64, for oneDNN)
-  fused_maskdrop  dropout positions from a keep mask (lora.SPARSE_DROPOUT_MAX_P = 0) instead of drawn
-                  positions (Poisson count + uniform positions)
-  fused_nodrop    no LoRA dropout at all (what dropout costs in total, an upper bound for both ways)
-  allocator       glibc malloc tuning (runtime.tune_cpu_allocator, applied by the `mixlora-lit`
-                  command): two child processes, tuned vs glibc default, base + fused steps
-Optional: fused_recompute, per_expert_down (as in bench_step.py).
+  base              the frozen base, backward to the input embeddings (the floor every adapter pays)
+  lora              HF PEFT LoRA r=--lora-rank (80) on q,k,v,o,gate,up,down
+  fused             our MixLoRA default path (8 experts, top-2, r=16, attention LoRA, dropout 0.05)
+  fused_syncfree    fused with `model.set_sync_free()`: the routing layout built on the device with
+                    nothing read back to the host, the expert products as torch._grouped_mm calls,
+                    no row padding (the H100 run of 2026-11-26 counted 121 host-device syncs per
+                    fused step, all from the layout and transformers' mask)
+  fused_syncfree16  the same with expert blocks padded to 16 rows
+  fused_nodrop      no LoRA dropout at all (what dropout costs in total)
+  reference_code    the `mixlora` 0.2.3 package, only if importable (see --reference-code-path);
+                    Llama only (it has no Gemma3 forward)
+Optional (measured on 2026-11-26, reports/bench_gpu_step_h100.md): reference (our per-expert path),
+fused_pad1 (row_bucket=1), fused_maskdrop (dropout from a keep mask), fused_recompute, per_expert_down.
+  allocator         glibc malloc tuning (runtime.tune_cpu_allocator, applied by the `mixlora-lit`
+                    command): two child processes, tuned vs glibc default, base + fused steps
 
 Timing: torch.cuda.synchronize() before and after each step, wall clock; --warmup rounds, then
 --repeats interleaved rounds (one step of each method per round); median and min-max. Peak GPU
@@ -28,9 +29,13 @@ memory per method: built one after another, each runs a warm-up step, then
 reset_peak_memory_stats() and one step; the figure is max_memory_allocated() minus what was
 allocated before that method's model was built (its own model copy + adapters + the step).
 A sync probe (torch.cuda.set_sync_debug_mode) counts the host-device synchronisations of one
-step of fused / fused_maskdrop / reference, by source line.
+step of lora / fused / fused_syncfree* (and fused_maskdrop / reference when run), by source line.
+Before timing the first shape, a check compares one step's loss and gradients of the default and the
+sync-free layout (same weights, dropout 0). --profile adds per-operator tables of one step of lora,
+fused and fused_syncfree at the first shape (profile_*.txt), with wall vs device-kernel time: a step
+whose kernels add up to far less than its wall time is bound by the host (launches, Python), not the GPU.
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_gpu_step.py --out $OUT
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_gpu_step.py --out $OUT --profile
     .venv/bin/python benchmarks/bench_gpu_step.py --device cpu --layers 2 --shapes 2x32 --threads 1 --out /tmp/x
 """
 
@@ -55,9 +60,10 @@ START = time.perf_counter()
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_DIR = os.path.join(HERE, "gpu_configs")
 MODEL_CONFIGS = {"smollm2-135m": "smollm2-135m.json", "gemma3-270m": "gemma3-270m.json"}
-DEFAULT_METHODS = ("base", "lora", "fused", "reference", "reference_code", "fused_pad1", "fused_maskdrop",
-                   "fused_nodrop")
-ALL_METHODS = DEFAULT_METHODS + ("fused_recompute", "per_expert_down")
+DEFAULT_METHODS = ("base", "lora", "fused", "fused_syncfree", "fused_syncfree16", "fused_nodrop", "reference_code")
+# Measured on an H100 on 2026-11-26 (reports/bench_gpu_step_h100.md), so not run by default any more.
+ALL_METHODS = DEFAULT_METHODS + ("reference", "fused_pad1", "fused_maskdrop", "fused_recompute", "per_expert_down")
+PROFILED = ("lora", "fused", "fused_syncfree")  # --profile: one step of each, per-operator tables
 WHAT = {
     "base": "frozen base, backward to the input embeddings",
     "lora": "PEFT LoRA (q,k,v,o,gate,up,down)",
@@ -67,6 +73,8 @@ WHAT = {
     "fused_pad1": "fused, no row padding (row_bucket=1)",
     "fused_maskdrop": "fused, dropout positions from a keep mask",
     "fused_nodrop": "fused, LoRA dropout 0",
+    "fused_syncfree": "fused, routing layout on the device, grouped matmuls (set_sync_free)",
+    "fused_syncfree16": "fused_syncfree with expert blocks padded to 16 rows",
     "fused_recompute": "fused, experts recomputed in backward",
     "per_expert_down": "fused gate/up, W2 per (token, expert)",
 }
@@ -110,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-sync-probe", action="store_true")
     p.add_argument("--no-allocator-check", action="store_true")
+    p.add_argument("--no-check", action="store_true", help="skip the sync-free vs default gradient comparison")
+    p.add_argument("--profile", action="store_true",
+                   help=f"write per-operator tables of one step of {', '.join(PROFILED)} (first shape only)")
     p.add_argument("--allocator-repeats", type=int, default=8)
     p.add_argument("--reference-code-path", default=None,
                    help="a folder holding the `mixlora` package (appended to sys.path, so it never shadows "
@@ -242,6 +253,10 @@ def build(method: str, template, args, device):
         model = get_mixlora_model(model, mixlora_config(args, 0.0 if method == "fused_nodrop" else args.dropout))
         model.set_execution_path("reference" if method == "reference" else "fused")
         model.set_recompute_experts(method == "fused_recompute")
+        if method.startswith("fused_syncfree"):
+            if not hasattr(model, "set_sync_free"):
+                raise Unavailable("MixLoraModel has no set_sync_free any more")
+            model.set_sync_free(True, 16 if method == "fused_syncfree16" else 1)
         for module in model.moe_layers():
             module.factor_down = method != "per_expert_down"
             if method == "fused_pad1":
@@ -350,6 +365,77 @@ def probe_syncs(step, ids, device) -> dict:
     return {"total": sum(counts.values()), "by_line": dict(top[:12])}
 
 
+def sync_free_check(template, args, device) -> dict:
+    """One step's loss and gradients of the default and the sync-free layout (in --dtype: bf16 on a
+    GPU) against the default path on an fp32 copy of the base, the oracle (same weights, random B
+    matrices so every product matters, dropout 0). Per path: the relative L2 error over all gradients
+    and the largest per-tensor error (relative to the tensor's largest value). bf16 alone puts both
+    paths well off fp32 (on a CPU smoke run the reference path was as far off as the others), so
+    the sync-free path is right when its error is the default's, not when it is small. An expert
+    without rows has no gradient on the default path and a zero one on the sync-free path; both
+    count as zero."""
+    import torch
+
+    from mixlora_lit import get_mixlora_model
+
+    ids = batch_ids(2, 64, device, template.config.vocab_size)
+
+    def run(base, sync_free):
+        torch.manual_seed(0)
+        model = get_mixlora_model(copy.deepcopy(base), mixlora_config(args, 0.0)).train()
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        model.set_sync_free(sync_free)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad).detach().float()
+                 for n, p in model.named_parameters() if p.requires_grad}
+        return float(loss), grads
+
+    oracle_loss, oracle = run(copy.deepcopy(template).float(), False)
+    norm = sum(float(g.pow(2).sum()) for g in oracle.values()) ** 0.5
+    result = {"loss_fp32_oracle": oracle_loss, "tensors": len(oracle)}
+    for label, sync_free in (("default", False), ("sync_free", True)):
+        loss, grads = run(template, sync_free)
+        err = sum(float((grads[n] - g).pow(2).sum()) for n, g in oracle.items()) ** 0.5 / max(norm, 1e-30)
+        worst = max(((float((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)), n)
+                     for n, g in oracle.items()), default=(0.0, None))
+        result[label] = {"loss": loss, "relative_l2_grad_error": err, "worst_tensor_error": worst[0],
+                         "worst_tensor": worst[1]}
+    d, f = result["default"], result["sync_free"]
+    result["summary"] = (f"against the fp32 default path (loss {oracle_loss:.5f}), over {len(oracle)} gradient "
+                         f"tensors: default loss {d['loss']:.5f}, gradient L2 error {d['relative_l2_grad_error']:.2e} "
+                         f"(worst tensor {d['worst_tensor_error']:.2e}); sync-free loss {f['loss']:.5f}, "
+                         f"L2 error {f['relative_l2_grad_error']:.2e} (worst tensor {f['worst_tensor_error']:.2e})")
+    return result
+
+
+def profile_step(step, ids, device, path: str) -> dict:
+    """One profiled step: wall time, device kernel time and launches, host operator time and calls;
+    the per-operator tables (by device time, then by host time) go to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t, _ = timed(step, ids, device)
+    events = prof.events()
+    device_events = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    host_events = [e for e in events if not str(getattr(e, "device_type", "")).endswith("CUDA")]
+    time_of = lambda e: getattr(e, "device_time", None) or getattr(e, "cuda_time", 0) or 0  # noqa: E731
+    averages = prof.key_averages()
+    with open(path, "w") as fh:
+        if cuda:
+            fh.write(averages.table(sort_by="self_cuda_time_total", row_limit=40) + "\n\n")
+        fh.write(averages.table(sort_by="self_cpu_time_total", row_limit=40) + "\n")
+    return {"wall_ms": t * 1e3, "device_ms": sum(time_of(e) for e in device_events) / 1e3,
+            "kernels": len(device_events), "host_ms": sum(e.self_cpu_time_total for e in host_events) / 1e3,
+            "ops": sum(1 for e in host_events if e.name.startswith("aten::")), "file": os.path.basename(path)}
+
+
 # ---------------------------------------------------------------------------- one (model, shape)
 def run_config(name, template, tinfo, batch, seq, args, device, deadline) -> dict:
     import torch
@@ -359,6 +445,15 @@ def run_config(name, template, tinfo, batch, seq, args, device, deadline) -> dic
               "methods": {}, "errors": {}, "probes": {}}
     cuda = device.type == "cuda"
     steps, models = {}, {}
+    if not args.no_check and (batch, seq) == args.shape_list[0]:
+        try:
+            result["sync_free_check"] = sync_free_check(template, args, device)
+            log(f"  sync-free check: {result['sync_free_check']['summary']}")
+        except Exception as err:  # noqa: BLE001
+            result["sync_free_check"] = {"error": f"{type(err).__name__}: {err}"}
+            log(f"  sync-free check FAILED: {type(err).__name__}: {err}")
+        if cuda:
+            torch.cuda.empty_cache()
     for method in args.methods:
         if elapsed() > deadline:
             result["errors"][method] = "skipped: time budget"
@@ -380,7 +475,8 @@ def run_config(name, template, tinfo, batch, seq, args, device, deadline) -> dic
             try:  # the probes only observe; a probe that breaks on changed code costs the figure, not the method
                 if method.startswith("fused") or method == "per_expert_down":
                     entry["probe"] = probe_layout_and_dropout(model, step, ids, device)
-                if not args.no_sync_probe and cuda and method in ("fused", "fused_maskdrop", "reference", "lora"):
+                if not args.no_sync_probe and cuda and method in ("fused", "fused_maskdrop", "reference", "lora",
+                                                                   "fused_syncfree", "fused_syncfree16"):
                     result["probes"][f"syncs_{method}"] = probe_syncs(step, ids, device)
             except Exception as err:  # noqa: BLE001
                 entry["probe_error"] = f"{type(err).__name__}: {err}"
@@ -424,6 +520,15 @@ def run_config(name, template, tinfo, batch, seq, args, device, deadline) -> dic
             result["methods"][method].update(median_s=med, min_s=min(t), max_s=max(t), rounds=len(t),
                                              tokens_per_s=batch * seq / med)
     result["ratios"] = ratios(result["methods"])
+    if args.profile and (batch, seq) == args.shape_list[0]:
+        result["profiles"] = {}
+        for method in PROFILED:
+            if method in steps:
+                path = os.path.join(args.out, f"profile_{name}_{batch}x{seq}_{method}.txt")
+                try:
+                    result["profiles"][method] = profile_step(steps[method], ids, device, path)
+                except Exception as err:  # noqa: BLE001
+                    result["profiles"][method] = {"error": f"{type(err).__name__}: {err}"}
     del steps, models
     gc.collect()
     if cuda:
@@ -445,6 +550,10 @@ def ratios(m: dict) -> dict:
         "pad1_vs_fused": r("fused_pad1", "fused"),
         "maskdrop_vs_fused": r("fused_maskdrop", "fused"),
         "nodrop_vs_fused": r("fused_nodrop", "fused"),
+        "syncfree_vs_fused": r("fused_syncfree", "fused"),
+        "syncfree_vs_lora": r("fused_syncfree", "lora"),
+        "syncfree16_vs_fused": r("fused_syncfree16", "fused"),
+        "syncfree16_vs_lora": r("fused_syncfree16", "lora"),
         "recompute_vs_fused": r("fused_recompute", "fused"),
         "per_expert_down_vs_fused": r("per_expert_down", "fused"),
         "peak_mem_fused_vs_lora": r("fused", "lora", "peak_mb"),
@@ -608,10 +717,22 @@ def markdown(results: dict) -> str:
                          f"| {r['trainable_params']:,} | {rel} |")
         lines.append("")
         r = c["ratios"]
-        if r.get("fused_vs_lora") is not None:
-            verdict = "meets" if r["fused_vs_lora"] <= 1.0 else "MISSES"
-            lines += [f"**fused / PEFT LoRA step time = {r['fused_vs_lora']:.3f}** ({verdict} the GPU target <= 1.0; "
-                      f"the paper reports MixLoRA at 1.885 x LoRA's latency)", ""]
+        for key, what in (("fused_vs_lora", "fused"), ("syncfree_vs_lora", "fused_syncfree"),
+                          ("syncfree16_vs_lora", "fused_syncfree16")):
+            if r.get(key) is not None:
+                verdict = "meets" if r[key] <= 1.0 else "MISSES"
+                lines += [f"**{what} / PEFT LoRA step time = {r[key]:.3f}** ({verdict} the GPU target <= 1.0; "
+                          f"the paper reports MixLoRA at 1.885 x LoRA's latency)", ""]
+        check = c.get("sync_free_check")
+        if check:
+            lines += [f"- sync-free vs default layout, same weights, dropout 0: {check.get('summary', check)}"]
+        for method, prof in c.get("profiles", {}).items():
+            if "error" in prof:
+                lines.append(f"- profile {method}: {prof['error']}")
+            else:
+                lines.append(f"- profile {method}: wall {prof['wall_ms']:.1f} ms, device kernels {prof['device_ms']:.1f} ms "
+                             f"({prof['kernels']} launches), host {prof['host_ms']:.1f} ms in {prof['ops']} operator calls "
+                             f"({prof['file']})")
         for key, value in c["ratios"].items():
             if value is not None:
                 lines.append(f"- `{key}`: {value:.3f}")

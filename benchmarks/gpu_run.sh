@@ -9,5 +9,5 @@
 set -o pipefail
 OUT="${OUT:-reports/gpu}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 | tee "$OUT/nvidia-smi.txt"
-PYTHONUNBUFFERED=1 PYTHONPATH=. timeout -k 10 295 python3 benchmarks/bench_gpu_step.py --out "$OUT" \
+PYTHONUNBUFFERED=1 PYTHONPATH=. timeout -k 10 295 python3 benchmarks/bench_gpu_step.py --out "$OUT" --profile \
   --reference-code-path .venv/lib/python3.11/site-packages "$@" 2>&1 | tee "$OUT/log.txt"

@@ -6,6 +6,7 @@ Assignments (token, slot) are sorted by expert, so expert e owns one contiguous 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -72,7 +73,15 @@ class RowSum(torch.autograd.Function):
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls run in here: autocast's when it is on (mixed precision), else x's."""
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    return torch.get_autocast_dtype(device) if on else x.dtype
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off on `device_type` (nothing to switch off where it has no autocast: "meta")."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class ExpertLayout:
@@ -92,32 +101,51 @@ class ExpertLayout:
     instead of one matmul each, which removes most of the per-call cost when blocks are small.
     Near-balanced routing pads little either way; a skewed routing keeps per-expert blocks.
 
+    With `sync_free`, nothing about the routing is read back to the host (on a GPU, reading the
+    per-expert counts waits for the device to finish everything queued before it, several times per
+    layer and step). Only for top-k routing (no frozen-FFN block): the row count is known from the
+    shapes, T*k (plus `num_experts * (bucket - 1)` padding rows, the last of them in the last
+    expert's block), and the blocks' ends stay on the device (`offsets`, for `torch._grouped_mm`).
+    `counts` and `capacities` are then None, and every expert gets a gradient (zero without rows).
+
     Fields: `tokens` [rows] the token of each row; `inv` [T*k] the row of assignment t*k + j;
     `source` [rows] the assignment of each row (T*k on padding rows); `counts` and `capacities`
-    per block (real rows, rows with padding); `uniform` whether the adapted blocks share one size.
+    per block (real rows, rows with padding); `uniform` whether the adapted blocks share one size;
+    `offsets` (sync-free only) [E] int32, where each expert's block ends.
     """
 
     def __init__(self, flat_experts: torch.Tensor, num_experts: int, k: int, bucket: int = 1,
-                 uniform_bucket: int = 0, uniform_waste: float = 0.1) -> None:
+                 uniform_bucket: int = 0, uniform_waste: float = 0.1, sync_free: bool = False) -> None:
         num = flat_experts.numel()
         order = torch.argsort(flat_experts, stable=True)
-        counts = torch.bincount(flat_experts, minlength=num_experts + 1)
         self.k = k
         self.num_adapted = num_experts
-        self.counts: list[int] = counts.tolist()
-        self.capacities = [-(-n // bucket) * bucket if e < num_experts else n for e, n in enumerate(self.counts)]
         self.uniform = False
-        if uniform_bucket > 0 and num_experts > 1:
-            size = -(-max(self.counts[:num_experts]) // uniform_bucket) * uniform_bucket
-            if size * num_experts <= (1 + uniform_waste) * sum(self.capacities[:num_experts]):
-                self.capacities[:num_experts] = [size] * num_experts
-                self.uniform = True
-        self.num_rows = sum(self.capacities)
+        self.sync_free = sync_free
+        self.offsets: torch.Tensor | None = None
         device = flat_experts.device
+        if sync_free:
+            self.counts = self.capacities = None
+            counts = torch.zeros(num_experts + 1, dtype=order.dtype, device=device).scatter_add_(
+                0, flat_experts, torch.ones_like(flat_experts))
+            self.num_rows = num + num_experts * (bucket - 1) if bucket > 1 else num
+            caps = -(-counts // bucket) * bucket
+            caps[num_experts - 1] += self.num_rows - caps.sum()  # the spare rows close the last block
+            self.offsets = caps[:num_experts].cumsum(0).to(torch.int32)
+        else:
+            counts = torch.bincount(flat_experts, minlength=num_experts + 1)
+            self.counts: list[int] | None = counts.tolist()
+            self.capacities = [-(-n // bucket) * bucket if e < num_experts else n for e, n in enumerate(self.counts)]
+            if uniform_bucket > 0 and num_experts > 1:
+                size = -(-max(self.counts[:num_experts]) // uniform_bucket) * uniform_bucket
+                if size * num_experts <= (1 + uniform_waste) * sum(self.capacities[:num_experts]):
+                    self.capacities[:num_experts] = [size] * num_experts
+                    self.uniform = True
+            self.num_rows = sum(self.capacities)
+            caps = torch.tensor(self.capacities, device=device) if self.num_rows != num else None
         row_of_sorted = torch.arange(num, device=device)  # row of the i-th assignment in sorted order
         self.tokens, self.source = order // k, order
         if self.num_rows != num:  # shift every block to its padded start; padding rows: token 0, no source
-            caps = torch.tensor(self.capacities, device=device)
             shift = (caps.cumsum(0) - caps) - (counts.cumsum(0) - counts)
             row_of_sorted = row_of_sorted + shift[flat_experts[order]]
             self.tokens = torch.zeros(self.num_rows, dtype=order.dtype, device=device).index_put_(
@@ -155,7 +183,8 @@ class ExpertPlan:
     def __init__(self, layout: ExpertLayout, num_adapted: int, rank: int, scalings: tuple[float, float, float],
                  dropout_threshold: int, act_fn: Callable[[torch.Tensor], torch.Tensor], grouped: bool = False) -> None:
         """grouped: run the products as `torch._grouped_mm` calls over all experts' blocks when the
-        layout has blocks of different sizes (the caller checks `grouped_mm_supported`)."""
+        layout has blocks of different sizes (the caller checks `grouped_mm_supported`); always with a
+        sync-free layout, whose block sizes only the device knows."""
         if layout.num_adapted != num_adapted:
             raise ValueError(f"the layout has {layout.num_adapted} adapted experts, the plan {num_adapted}")
         self.layout = layout
@@ -167,12 +196,14 @@ class ExpertPlan:
         # `stacked_weights` computed ahead (a cache, for forwards without autograd), or None.
         self.stacks: list[torch.Tensor] | None = None
         self._groups: list[tuple[int, int, slice, int]] | None = None
-        self.frozen_rows = sum(layout.counts[num_adapted:])  # rows of the frozen-FFN block, which comes last
+        # rows of the frozen-FFN block, which comes last (none in a sync-free layout: top-k routing)
+        self.frozen_rows = 0 if layout.sync_free else sum(layout.counts[num_adapted:])
         self.adapted_rows = layout.num_rows - self.frozen_rows
-        self.grouped = grouped and not layout.uniform and self.adapted_rows > 0
+        self.grouped = layout.sync_free or (grouped and not layout.uniform and self.adapted_rows > 0)
         # Where each adapted expert's block ends (grouped matmuls' `offs`).
-        self.offsets = (torch.tensor(layout.capacities[:num_adapted], device=layout.tokens.device).cumsum(0)
-                        .to(torch.int32) if self.grouped else None)
+        self.offsets = layout.offsets if layout.sync_free else (
+            torch.tensor(layout.capacities[:num_adapted], device=layout.tokens.device).cumsum(0).to(torch.int32)
+            if self.grouped else None)
 
     def groups(self) -> list[tuple[int, int, slice, int]]:
         """`ExpertLayout.groups`, computed once per plan (every product of the kernel loops over them)."""
@@ -195,10 +226,15 @@ class ExpertPlan:
 
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *widths: int) -> bool:
     """Whether `torch._grouped_mm` runs the kernel's products here: a build that has it, a dtype it
-    takes (not fp64), and every row width in bytes (hidden, FFN and rank sizes) a multiple of 16."""
-    return (hasattr(torch, "_grouped_mm") and device.type == "cpu"
-            and dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and all(w * dtype.itemsize % 16 == 0 for w in widths))
+    takes there (CPU: bf16, fp16, fp32; CUDA: bf16 on compute capability 8.0 or later; "meta", for
+    shape checks: bf16, as CUDA), and every row width in bytes (hidden, FFN, rank) a multiple of 16."""
+    if not hasattr(torch, "_grouped_mm") or not all(w * dtype.itemsize % 16 == 0 for w in widths):
+        return False
+    if device.type == "cpu":
+        return dtype in (torch.bfloat16, torch.float16, torch.float32)
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "meta" and dtype == torch.bfloat16
 
 
 def _bmm_view(t: torch.Tensor, rows: slice, experts: int, size: int) -> torch.Tensor:
@@ -310,7 +346,7 @@ class FusedLoraExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h_sum: torch.Tensor, grad_lora_sum: torch.Tensor):
         # Everything here runs in the forward's dtype, whatever autocast state backward is called in.
-        with torch.autocast(grad_h_sum.device.type, enabled=False):
+        with autocast_off(grad_h_sum.device.type):
             return FusedLoraExperts._backward(ctx, grad_h_sum, grad_lora_sum)
 
     @staticmethod
@@ -359,10 +395,12 @@ class FusedLoraExperts(torch.autograd.Function):
         grad_x = rows_summed(grad_xs, plan.layout.inv, plan.layout.k)
         grad_gate = rows_summed(grad_g, plan.layout.inv, plan.layout.k)
         grad_up = rows_summed(grad_u, plan.layout.inv, plan.layout.k)
-        # Experts that got no rows get no gradient (None), as if they had not run.
+        # Experts that got no rows get no gradient (None), as if they had not run; in a sync-free
+        # layout, which does not know which those are, a zero one (the grouped products give zeros).
         grad_params: list[torch.Tensor | None] = [None] * len(ctx.param_dtypes)
         stacks = [t.to(ctx.param_dtypes[0]) for t in (grad_a_gu, grad_b_g, grad_b_u, grad_a_d, grad_b_d)]
-        for e, count in enumerate(plan.layout.counts[:plan.num_adapted]):
+        counts = plan.layout.counts if plan.layout.counts is not None else [1] * plan.num_adapted
+        for e, count in enumerate(counts[:plan.num_adapted]):
             if count:
                 ga, gbg, gbu, gad, gbd = (s[e] for s in stacks)
                 grad_params[6 * e:6 * e + 6] = [ga[:r], gbg, ga[r:], gbu, gad, gbd]

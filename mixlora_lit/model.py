@@ -20,7 +20,7 @@ from . import adapter_io
 from .config import FFN_TARGETS, MixLoraConfig
 from .lora import LoraLinear
 from .losses import load_balance_loss, router_z_loss
-from .moe import MixLoraMoeFFN, set_execution_path, set_recompute_experts
+from .moe import MixLoraMoeFFN, set_execution_path, set_recompute_experts, set_sync_free
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,10 @@ class MixLoraModel(nn.Module):
     def set_recompute_experts(self, enabled: bool = True) -> None:
         """Keep fewer activations: recompute each layer's experts during backward (training only)."""
         set_recompute_experts(self.base_model, enabled)
+
+    def set_sync_free(self, enabled: bool = True, bucket: int = 1) -> None:
+        """For GPUs: routing layouts built without reading the device back (see `moe.set_sync_free`)."""
+        set_sync_free(self.base_model, enabled, bucket)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from .config import FFN_TARGETS, MixLoraConfig
-from .kernels import (ExpertLayout, ExpertPlan, FusedLoraExperts, RowGather, RowSum, compute_dtype,
+from .kernels import (ExpertLayout, ExpertPlan, FusedLoraExperts, RowGather, RowSum, autocast_off, compute_dtype,
                       grouped_mm_supported)
 from .lora import FastDropout, LoraAdapter, weight_cache
 from .routers import Routing, SwitchRouter, TopKRouter
@@ -91,6 +91,13 @@ class MixLoraMoeFFN(nn.Module):
         # Otherwise, run each product of all experts' blocks as one `torch._grouped_mm` (CPU; see
         # kernels.grouped_mm_supported) instead of one batched matmul per expert.
         self.grouped_mm = False
+        # Build the routing layout on the device without reading anything back to the host, and run the
+        # products as grouped matmuls (top-k routing, where `grouped_mm_supported`; else the usual
+        # layout): for GPUs, where each read-back stalls the device (see ExpertLayout). Experts without
+        # rows then get zero gradients rather than none. Blocks padded to `sync_free_bucket` rows.
+        # Off by default: not yet timed on a GPU (`benchmarks/bench_gpu_step.py`, fused_syncfree).
+        self.sync_free = False
+        self.sync_free_bucket = 1
         act = getattr(mlp, "act_fn", None)
         if act is None:
             if config.act_fn is None:
@@ -263,7 +270,7 @@ class MixLoraMoeFFN(nn.Module):
         if not torch.is_grad_enabled():  # evaluation: the stacked, cast weights last until a weight changes
             plan.stacks = weight_cache(self, "_stack_cache", params, (dtype, plan.dropout_threshold),
                                        lambda: plan.stacked_weights(params, dtype))
-        with torch.autocast(source.device.type, enabled=False):
+        with autocast_off(source.device.type):
             h_sum, lora_sum = FusedLoraExperts.apply(source.to(dtype), gate_base.to(dtype), up_base.to(dtype),
                                                      layout.sorted_weights(routing.weights), plan, *params)
         base_down = self._base("down_proj")
@@ -271,6 +278,11 @@ class MixLoraMoeFFN(nn.Module):
         if base_down.bias is not None:  # sum_j w_j b: every assignment went through W2
             y = y + routing.weights.sum(dim=1, keepdim=True).to(y.dtype) * base_down.bias
         return y
+
+    def _sync_free_applies(self, dtype: torch.dtype, device: torch.device, hidden: int, ffn: int) -> bool:
+        """`sync_free` is on and can hold: top-k routing (no frozen-FFN block), grouped matmuls here."""
+        return (self.sync_free and isinstance(self.moe_gate, TopKRouter)
+                and grouped_mm_supported(dtype, device, hidden, ffn, self._expert("down_proj", 0).r))
 
     def row_buckets(self, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
         """(row_bucket, uniform_bucket) for the kernel's inputs in `dtype` on `device`, `None` resolved."""
@@ -289,8 +301,14 @@ class MixLoraMoeFFN(nn.Module):
         # Sort (token, slot) assignments by expert so each expert reads one contiguous slice
         # (padded to `row_bucket` rows for the kernel, whose matmuls then repeat their shapes).
         plain = self._plain_lora_everywhere()
-        layout = (ExpertLayout(routing.experts.reshape(-1), self.num_experts, k, *self.row_buckets(compute_dtype(x), x.device),
-                               self.uniform_waste) if plain else ExpertLayout(routing.experts.reshape(-1), self.num_experts, k))
+        flat = routing.experts.reshape(-1)
+        if plain and self._sync_free_applies(compute_dtype(x), x.device, x.shape[1], gate_base.shape[1]):
+            layout = ExpertLayout(flat, self.num_experts, k, self.sync_free_bucket, sync_free=True)
+        elif plain:
+            layout = ExpertLayout(flat, self.num_experts, k, *self.row_buckets(compute_dtype(x), x.device),
+                                  self.uniform_waste)
+        else:
+            layout = ExpertLayout(flat, self.num_experts, k)
         # The gate and up LoRAs of every expert read the same token x: one dropout mask per token
         # serves them all (drawn once per layer instead of once per expert and projection).
         shared = self._shared_lowrank()
@@ -375,6 +393,16 @@ def set_recompute_experts(model: nn.Module, enabled: bool = True) -> None:
     for module in model.modules():
         if isinstance(module, MixLoraMoeFFN):
             module.recompute_experts = enabled
+
+
+def set_sync_free(model: nn.Module, enabled: bool = True, bucket: int = 1) -> None:
+    """Build every MixLoRA FFN's routing layout on the device, with nothing read back to the host, and
+    run its expert products as grouped matmuls (`MixLoraMoeFFN.sync_free`; for GPUs), blocks padded to
+    `bucket` rows. Where it cannot apply (switch routing, no grouped matmul for the dtype or device)
+    the usual layout runs."""
+    for module in model.modules():
+        if isinstance(module, MixLoraMoeFFN):
+            module.sync_free, module.sync_free_bucket = enabled, bucket
 
 
 def set_execution_path(model: nn.Module, path: str) -> None:

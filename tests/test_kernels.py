@@ -37,27 +37,29 @@ def _inputs(k: int, frozen_tokens: int, unused_expert: bool = False):
     return experts, [t.requires_grad_(True) for t in leaves]
 
 
-def _layout(experts, bucket):
+def _layout(experts, bucket, sync_free=False):
     """bucket: (compact bucket, uniform bucket); a uniform bucket > 0 forces the uniform layout."""
     compact, uniform = bucket
+    if sync_free:
+        return ExpertLayout(experts.reshape(-1), E, experts.shape[1], compact, sync_free=True)
     layout = ExpertLayout(experts.reshape(-1), E, experts.shape[1], compact, uniform, uniform_waste=float("inf"))
     assert layout.uniform == (uniform > 0)
     return layout
 
 
-def _kernel(experts, leaves, threshold, bucket, grouped=False):
+def _kernel(experts, leaves, threshold, bucket, grouped=False, sync_free=False):
     x, gate_base, up_base, weights, *params = leaves
-    layout = _layout(experts, bucket)
+    layout = _layout(experts, bucket, sync_free)
     plan = ExpertPlan(layout, E, R, SCALINGS, threshold, F.silu, grouped)
-    assert plan.grouped == (grouped and not layout.uniform)
+    assert plan.grouped == (sync_free or grouped and not layout.uniform)
     return FusedLoraExperts.apply(x, gate_base, up_base, layout.sorted_weights(weights), plan, *params)
 
 
-def _oracle(experts, leaves, threshold, bucket):
+def _oracle(experts, leaves, threshold, bucket, sync_free=False):
     x, gate_base, up_base, weights, *params = leaves
     k = experts.shape[1]
     # The kernel draws one mask over its rows (padding included); row of assignment a: inv[a].
-    layout = _layout(experts, bucket)
+    layout = _layout(experts, bucket, sync_free)
     keep = None
     if threshold:
         keep = torch.ones(layout.num_rows * FF, dtype=torch.bool)
@@ -120,31 +122,123 @@ def test_fused_lora_experts_matches_autograd_oracle(k, frozen_tokens, dropout, b
         assert (a - b).abs().max().item() < 1e-10, f"gradient of input {i}"
 
 
-@pytest.mark.parametrize("k,frozen_tokens,dropout,bucket,unused", [
-    (2, 0, 0.0, (1, 0), False), (2, 0, 0.1, (8, 0), False), (3, 4, 0.3, (4, 0), False), (1, 0, 0.3, (4, 0), True)])
-def test_grouped_matmul_path_matches_the_oracle(k, frozen_tokens, dropout, bucket, unused):
-    """The products as `torch._grouped_mm` calls (fp32: it takes no fp64) against the fp64 oracle."""
-    assert kernels.grouped_mm_supported(torch.float32, torch.device("cpu"), H, FF, R)
-    assert not kernels.grouped_mm_supported(torch.float64, torch.device("cpu"), H, FF, R)
-    threshold = int(round(dropout * 65536))
-    experts, leaves = _inputs(k, frozen_tokens, unused)
+def _fp32_kernel_against_oracle(experts, leaves, threshold, bucket, grouped=False, sync_free=False):
+    """The kernel in fp32 (grouped matmuls take no fp64) against the fp64 oracle: outputs compared,
+    (kernel gradients, oracle gradients) returned."""
     leaves32 = [t.detach().float().requires_grad_(True) for t in leaves]
     cot = [torch.randn(T, FF, dtype=torch.float64), torch.randn(T, H, dtype=torch.float64)]
     results = []
-    for fn, inputs, extra in ((_kernel, leaves32, (True,)), (_oracle, leaves, ())):
+    for fn, inputs, extra in ((_kernel, leaves32, {"grouped": grouped}), (_oracle, leaves, {})):
         torch.manual_seed(7)
-        outs = fn(experts, inputs, threshold, bucket, *extra)
+        outs = fn(experts, inputs, threshold, bucket, sync_free=sync_free, **extra)
         grads = torch.autograd.grad(sum((o * c.to(o.dtype)).sum() for o, c in zip(outs, cot)), inputs,
                                     allow_unused=True)
         results.append(([o.detach().double() for o in outs], grads))
     (k_outs, k_grads), (o_outs, o_grads) = results
     for a, b in zip(k_outs, o_outs):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    return k_grads, o_grads
+
+
+@pytest.mark.parametrize("k,frozen_tokens,dropout,bucket,unused", [
+    (2, 0, 0.0, (1, 0), False), (2, 0, 0.1, (8, 0), False), (3, 4, 0.3, (4, 0), False), (1, 0, 0.3, (4, 0), True)])
+def test_grouped_matmul_path_matches_the_oracle(k, frozen_tokens, dropout, bucket, unused):
+    """The products as `torch._grouped_mm` calls (fp32: it takes no fp64) against the fp64 oracle."""
+    assert kernels.grouped_mm_supported(torch.float32, torch.device("cpu"), H, FF, R)
+    assert not kernels.grouped_mm_supported(torch.float64, torch.device("cpu"), H, FF, R)
+    experts, leaves = _inputs(k, frozen_tokens, unused)
+    k_grads, o_grads = _fp32_kernel_against_oracle(experts, leaves, int(round(dropout * 65536)), bucket, grouped=True)
     unused_params = range(4 + 6 * (E - 1), 4 + 6 * E) if unused else range(0)
     assert all(k_grads[i] is None for i in unused_params)
     for i, (a, b) in enumerate(zip(k_grads, o_grads)):
         if i not in unused_params:
             assert torch.allclose(a.double(), b, rtol=1e-4, atol=1e-3), f"gradient of input {i}"
+
+
+@pytest.mark.parametrize("k,dropout,bucket,unused", [
+    (2, 0.0, 1, False), (2, 0.1, 1, False), (3, 0.3, 4, False), (1, 0.3, 1, True), (1, 0.05, 8, True)])
+def test_sync_free_layout_matches_the_oracle(k, dropout, bucket, unused):
+    """The layout built without reading the routing back to the host (grouped matmuls over device
+    offsets; blocks padded to `bucket` rows, the spare rows closing the last block) against the fp64
+    oracle, in fp32; an expert without tokens gets a zero gradient instead of none."""
+    experts, leaves = _inputs(k, 0, unused)
+    layout = _layout(experts, (bucket, 0), sync_free=True)
+    assert layout.counts is None and layout.num_rows == T * k + (E * (bucket - 1) if bucket > 1 else 0)
+    ends = torch.bincount(experts.reshape(-1), minlength=E).div(bucket, rounding_mode="floor").add(
+        (torch.bincount(experts.reshape(-1), minlength=E) % bucket > 0).long()).mul(bucket).cumsum(0)
+    ends[-1] = layout.num_rows  # from the host-side counts (the oracle's view) to the device offsets
+    assert layout.offsets.tolist() == ends.tolist()
+    k_grads, o_grads = _fp32_kernel_against_oracle(experts, leaves, int(round(dropout * 65536)), (bucket, 0),
+                                                   sync_free=True)
+    unused_params = range(4 + 6 * (E - 1), 4 + 6 * E) if unused else range(0)
+    for i, (a, b) in enumerate(zip(k_grads, o_grads)):
+        if i in unused_params:
+            assert b is None and a is not None and not a.any()
+        else:
+            assert torch.allclose(a.double(), b, rtol=1e-4, atol=1e-3), f"gradient of input {i}"
+
+
+def test_sync_free_path_reads_nothing_back_from_the_device():
+    """A training forward + backward of a MixLoRA FFN (with dropout) and of an attention LoRA on the
+    "meta" device, which has shapes but no data: any read of a value on the host (`.item()`,
+    `.tolist()`, `bincount`, `nonzero`, `repeat_interleave` without a size), which on a GPU waits for
+    the device, fails there. The default layout does read (its control: it fails)."""
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
+
+    from mixlora_lit.lora import LoraLinear
+
+    meta, bf16 = torch.device("meta"), torch.bfloat16
+    mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=128, hidden_act="silu")).to(meta, bf16)
+    ffn = MixLoraMoeFFN(mlp, MixLoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, num_experts=4, top_k=2))
+    ffn = ffn.to(meta).train()
+    attention = LoraLinear(torch.nn.Linear(64, 64, bias=False, dtype=bf16, device=meta), r=16, lora_alpha=32,
+                           lora_dropout=0.05).to(meta).train()
+    assert ffn._plain_lora_everywhere() and ffn._expert_dropout_threshold() > 0
+    x = torch.empty(40, 64, dtype=bf16, device=meta, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="bincount"):  # the default layout counts on the host
+        ffn(x)
+    ffn.sync_free = True
+    (ffn(x).sum() + attention(x).sum()).backward()
+    assert x.grad.shape == x.shape and x.grad.device == meta
+    grads = [p.grad for p in ffn.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.device == meta for g in grads)  # every expert, rows or not
+
+
+def test_sync_free_model_trains_like_the_default_path(monkeypatch):
+    """A whole model's loss and gradients with `set_sync_free` equal the default path's (fp32, no
+    dropout); with switch routing, which it cannot serve, the usual layout runs."""
+    layouts = []
+    original = kernels.ExpertPlan.__init__
+
+    def spy(self, layout, *args):
+        layouts.append(layout.sync_free)
+        original(self, layout, *args)
+
+    monkeypatch.setattr(kernels.ExpertPlan, "__init__", spy)
+    ids, mask = batch()
+    results = []
+    for sync_free in (False, True):
+        torch.manual_seed(0)
+        model = get_mixlora_model(tiny_llama(torch.float32), MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2))
+        randomize_adapters(model)
+        model.set_sync_free(sync_free)
+        layouts.clear()
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        assert layouts == [sync_free] * model.config.num_hidden_layers
+        results.append((out.loss.detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad  # none: no rows
+                                            for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name, g in grads_a.items():
+        assert torch.allclose(g, grads_b[name], rtol=1e-4, atol=1e-6), name
+    switch = get_mixlora_model(tiny_llama(torch.float32), MixLoraConfig(r=4, lora_alpha=8, num_experts=4,
+                                                           routing_strategy="mixlora-switch"))
+    switch.set_sync_free(True)
+    layouts.clear()
+    switch(input_ids=ids, attention_mask=mask)
+    assert layouts and not any(layouts)
 
 
 def test_default_path_runs_the_fused_kernel(monkeypatch):
