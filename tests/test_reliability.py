@@ -492,6 +492,25 @@ def test_the_module_warns_about_dead_experts_at_once_and_collapse_after_three_pa
         module._warn_unhealthy_routing(collapsed)
 
 
+def test_the_weight_check_after_each_update_names_a_non_finite_tensor_only(tiny_model_dir):
+    """The screen by one total norm stops on a NaN or inf weight and names it, and lets a finite weight
+    too large for the norm (whose square overflows fp32) through, as the per-tensor check does."""
+    from mixlora_lit.errors import TrainingDiverged
+    from mixlora_lit.lightning.module import MixLoraLitModule
+
+    module = MixLoraLitModule(base=str(tiny_model_dir), adapter={"num_experts": 4, "top_k": 2, "r": 4})
+    module.configure_model()
+    module._check_finite_weights(0)
+    name, param = [(n, p) for n, p in module.model.named_parameters() if p.requires_grad][7]
+    with torch.no_grad():
+        param.view(-1)[3] = 1e30  # finite, but the total norm is inf
+        module._check_finite_weights(0)
+        for bad in (float("nan"), float("inf")):
+            param.view(-1)[3] = bad
+            with pytest.raises(TrainingDiverged, match=f"made {re.escape(name)} non-finite"):
+                module._check_finite_weights(5)
+
+
 def test_latest_checkpoint_is_the_highest_version_with_one(tmp_path):
     assert runs.latest_checkpoint(tmp_path) is None
     for version in (0, 2, 10):

@@ -224,10 +224,18 @@ class MixLoraLitModule(pl.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        # A diverging update (finite loss, overflowing weights) must stop the run before a checkpoint stores it.
-        for name, param in self.model.named_parameters():
-            if param.requires_grad and not torch.isfinite(param).all():
-                raise self._non_finite(batch_idx, f"the optimizer step made {name} non-finite")
+        self._check_finite_weights(batch_idx)
+
+    def _check_finite_weights(self, batch_idx: int) -> None:
+        """A diverging update (finite loss, overflowing weights) must stop the run before a checkpoint
+        stores it. One total norm (foreach kernels, one read of the device, instead of one per tensor:
+        about 1,700 per step for MixLoRA on SmolLM2, each a GPU sync) screens every trainable tensor;
+        only when it is not finite (a non-finite weight, or a norm past the dtype's range) is each checked."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if trainable and not torch.isfinite(torch.nn.utils.get_total_norm(trainable)):
+            for name, param in self.model.named_parameters():
+                if param.requires_grad and not torch.isfinite(param).all():
+                    raise self._non_finite(batch_idx, f"the optimizer step made {name} non-finite")
 
     def _non_finite(self, batch_idx: int, detail: str) -> TrainingDiverged:
         return TrainingDiverged(
