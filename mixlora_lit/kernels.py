@@ -397,11 +397,12 @@ class FusedLoraExperts(torch.autograd.Function):
         grad_up = rows_summed(grad_u, plan.layout.inv, plan.layout.k)
         # Experts that got no rows get no gradient (None), as if they had not run; in a sync-free
         # layout, which does not know which those are, a zero one (the grouped products give zeros).
-        grad_params: list[torch.Tensor | None] = [None] * len(ctx.param_dtypes)
-        stacks = [t.to(ctx.param_dtypes[0]) for t in (grad_a_gu, grad_b_g, grad_b_u, grad_a_d, grad_b_d)]
-        counts = plan.layout.counts if plan.layout.counts is not None else [1] * plan.num_adapted
-        for e, count in enumerate(counts[:plan.num_adapted]):
-            if count:
-                ga, gbg, gbu, gad, gbd = (s[e] for s in stacks)
-                grad_params[6 * e:6 * e + 6] = [ga[:r], gbg, ga[r:], gbu, gad, gbd]
+        # The per-expert views come from one `unbind` per stack (not an index per expert and weight:
+        # on a GPU, where these steps are bound by the host, every operator call counts).
+        e_count, dtype0 = plan.num_adapted, ctx.param_dtypes[0]
+        a_gate, a_up = grad_a_gu.to(dtype0).view(e_count, 2, r, -1).unbind(1)
+        per_expert = list(zip(*(t.unbind(0) for t in (a_gate, grad_b_g.to(dtype0), a_up, grad_b_u.to(dtype0),
+                                                      grad_a_d.to(dtype0), grad_b_d.to(dtype0)))))
+        counts = plan.layout.counts if plan.layout.counts is not None else [1] * e_count
+        grad_params = [g if count else None for count, grads in zip(counts, per_expert) for g in grads]
         return (grad_x, grad_gate, grad_up, grad_w.to(weights.dtype), None, *grad_params)
