@@ -82,6 +82,29 @@ def test_step_benchmark_writes_the_issue_keys(tmp_path, tiny_model_dir):
     assert "| fused |" in (tmp_path / "bench.md").read_text()
 
 
+def test_op_count_benchmark_counts_every_dispatched_operator(tmp_path):
+    """benchmarks/count_ops.py: its counter sees each ATen call of a hand-counted function (views marked),
+    and on a one-layer SmolLM2 (real config, random weights) the sync-free layout dispatches fewer
+    operators than the padded default layout, with ratios that are the quotients of the counts."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import count_ops
+
+    x = torch.randn(3, 3, requires_grad=True)
+    calls = count_ops.counted_step(lambda t: torch.mm(t, t.t()).sum(), x)
+    assert dict(calls) == {"aten.mm": 1, "view:aten.t": 1, "aten.sum": 1}
+    out = tmp_path / "ops.json"
+    results = count_ops.main(["--shape", "1x16", "--layers", "1", "--threads", "1", "--methods", "lora", "fused",
+                              "fused_syncfree", "--json", str(out)])
+    m = results["models"]["smollm2-135m"]["methods"]
+    assert m["fused_syncfree"]["ops"] < m["fused"]["ops"]
+    for entry in m.values():
+        assert entry["ratio_vs_lora"] == pytest.approx(entry["ops"] / m["lora"]["ops"])
+        assert entry["views"] + entry["non_views"] == entry["ops"] > 0
+    assert json.loads(out.read_text())["models"]["smollm2-135m"]["methods"]["lora"]["ops"] == m["lora"]["ops"]
+
+
 def test_real_batch_benchmark_times_the_data_modules_batches(tmp_path, tiny_model_dir, prepared_data):
     """benchmarks/bench_real_batches.py on the quickstart config's own batches (a tiny base here): the
     batches it reports are the data module's first training batches, and its ratios are the quotients
