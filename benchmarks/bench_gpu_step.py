@@ -414,8 +414,9 @@ def sync_free_check(template, args, device) -> dict:
 
 
 def profile_step(step, ids, device, path: str) -> dict:
-    """One profiled step: wall time, device kernel time and launches, host operator time and calls;
-    the per-operator tables (by device time, then by host time) go to `path`."""
+    """One profiled step: wall time, device kernel time and launches, host operator time and the
+    operator calls made from Python or autograd (not those nested in another operator); the
+    per-operator tables (by device time, then by host time) go to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -433,7 +434,19 @@ def profile_step(step, ids, device, path: str) -> dict:
         fh.write(averages.table(sort_by="self_cpu_time_total", row_limit=40) + "\n")
     return {"wall_ms": t * 1e3, "device_ms": sum(time_of(e) for e in device_events) / 1e3,
             "kernels": len(device_events), "host_ms": sum(e.self_cpu_time_total for e in host_events) / 1e3,
-            "ops": sum(1 for e in host_events if e.name.startswith("aten::")), "file": os.path.basename(path)}
+            "ops": sum(1 for e in host_events if e.name.startswith("aten::") and not _under_aten(e)),
+            "file": os.path.basename(path)}
+
+
+def _under_aten(event) -> bool:
+    """Whether a profiler event runs inside another ATen operator (e.g. aten::copy_ inside aten::to, or
+    the per-group matmuls of a CPU grouped matmul): those are not calls the host dispatches itself."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 # ---------------------------------------------------------------------------- one (model, shape)
