@@ -303,13 +303,14 @@ def timed(step, ids, device):
 
 
 # ---------------------------------------------------------------------------- probes
-def probe_layout_and_dropout(model, step, ids, device) -> dict:
-    """One step of a fused model with the row padding and the dropout draws observed."""
-    from mixlora_lit import kernels, lora, moe
+@contextlib.contextmanager
+def observed_layouts():
+    """While open, every routing layout the MoE layers build is counted: yields a dict with the row
+    buckets used, rows with and without padding, and how many layouts there were and were sync-free."""
+    from mixlora_lit import moe
 
-    seen = {"buckets": set(), "rows_padded": 0, "rows_real": 0, "dropout_calls": 0, "dropout_sparse": 0}
+    seen = {"buckets": set(), "rows_padded": 0, "rows_real": 0, "layouts": 0, "sync_free": 0}
     orig_layout = moe.ExpertLayout
-    orig_drop_lora, orig_drop_kernels = lora.dropped_positions, getattr(kernels, "dropped_positions", None)
 
     class RecordingLayout(orig_layout):
         def __init__(self, flat_experts, num_experts, k, bucket=1, *args, **kwargs):
@@ -317,29 +318,44 @@ def probe_layout_and_dropout(model, step, ids, device) -> dict:
             seen["buckets"].add(bucket)
             seen["rows_padded"] += self.num_rows
             seen["rows_real"] += flat_experts.numel()
-
-    def recording_drop(numel, threshold, dev, *args):
-        seen["dropout_calls"] += 1
-        seen["dropout_sparse"] += int(threshold / 65536 <= getattr(lora, "SPARSE_DROPOUT_MAX_P", 0))
-        return orig_drop_lora(numel, threshold, dev, *args)
+            seen["layouts"] += 1
+            seen["sync_free"] += int(getattr(self, "sync_free", False))
 
     moe.ExpertLayout = RecordingLayout
+    try:
+        yield seen
+    finally:
+        moe.ExpertLayout = orig_layout
+
+
+def probe_layout_and_dropout(model, step, ids, device) -> dict:
+    """One step of a fused model with the routing layouts and the dropout draws observed."""
+    from mixlora_lit import kernels, lora
+
+    drops = {"calls": 0, "sparse": 0}
+    orig_drop_lora, orig_drop_kernels = lora.dropped_positions, getattr(kernels, "dropped_positions", None)
+
+    def recording_drop(numel, threshold, dev, *args, **kwargs):
+        drops["calls"] += 1
+        drops["sparse"] += int(threshold / 65536 <= getattr(lora, "SPARSE_DROPOUT_MAX_P", 0))
+        return orig_drop_lora(numel, threshold, dev, *args, **kwargs)
+
     lora.dropped_positions = recording_drop
     if orig_drop_kernels is not None:
         kernels.dropped_positions = recording_drop
     try:
-        step(ids)
-        sync(device)
+        with observed_layouts() as seen:
+            step(ids)
+            sync(device)
     finally:
-        moe.ExpertLayout = orig_layout
         lora.dropped_positions = orig_drop_lora
         if orig_drop_kernels is not None:
             kernels.dropped_positions = orig_drop_kernels
     real = seen["rows_real"]
     return {"row_buckets_used": sorted(seen["buckets"]),
             "padding_extra_rows_fraction": (seen["rows_padded"] - real) / real if real else None,
-            "dropout_draw_calls": seen["dropout_calls"],
-            "dropout_calls_by_drawn_positions": seen["dropout_sparse"]}
+            "layouts": seen["layouts"], "sync_free_layouts": seen["sync_free"],
+            "dropout_draw_calls": drops["calls"], "dropout_calls_by_drawn_positions": drops["sparse"]}
 
 
 def probe_syncs(step, ids, device) -> dict:
@@ -389,24 +405,28 @@ def sync_free_check(template, args, device) -> dict:
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         model.set_sync_free(sync_free)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        with observed_layouts() as seen:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad).detach().float()
                  for n, p in model.named_parameters() if p.requires_grad}
-        return float(loss), grads
+        return float(loss), grads, seen
 
-    oracle_loss, oracle = run(copy.deepcopy(template).float(), False)
+    oracle_loss, oracle, _ = run(copy.deepcopy(template).float(), False)
     norm = sum(float(g.pow(2).sum()) for g in oracle.values()) ** 0.5
     result = {"loss_fp32_oracle": oracle_loss, "tensors": len(oracle)}
     for label, sync_free in (("default", False), ("sync_free", True)):
-        loss, grads = run(template, sync_free)
+        loss, grads, seen = run(template, sync_free)
         err = sum(float((grads[n] - g).pow(2).sum()) for n, g in oracle.items()) ** 0.5 / max(norm, 1e-30)
         worst = max(((float((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)), n)
                      for n, g in oracle.items()), default=(0.0, None))
         result[label] = {"loss": loss, "relative_l2_grad_error": err, "worst_tensor_error": worst[0],
-                         "worst_tensor": worst[1]}
+                         "worst_tensor": worst[1], "layouts": seen["layouts"], "sync_free_layouts": seen["sync_free"]}
     d, f = result["default"], result["sync_free"]
-    result["summary"] = (f"against the fp32 default path (loss {oracle_loss:.5f}), over {len(oracle)} gradient "
+    ran = (f"the sync-free run built {f['sync_free_layouts']} sync-free layouts of {f['layouts']}"
+           + ("" if f["sync_free_layouts"] == f["layouts"] > 0 else " (NOT the sync-free path: this dtype or device "
+                                                                     "has no grouped matmul without host reads)"))
+    result["summary"] = (f"{ran}; against the fp32 default path (loss {oracle_loss:.5f}), over {len(oracle)} gradient "
                          f"tensors: default loss {d['loss']:.5f}, gradient L2 error {d['relative_l2_grad_error']:.2e} "
                          f"(worst tensor {d['worst_tensor_error']:.2e}); sync-free loss {f['loss']:.5f}, "
                          f"L2 error {f['relative_l2_grad_error']:.2e} (worst tensor {f['worst_tensor_error']:.2e})")
@@ -749,12 +769,14 @@ def markdown(results: dict) -> str:
         for key, value in c["ratios"].items():
             if value is not None:
                 lines.append(f"- `{key}`: {value:.3f}")
-        probe = c["methods"].get("fused", {}).get("probe")
-        if probe:
-            lines.append(f"- fused path: row buckets used {probe['row_buckets_used']}, padding adds "
-                         f"{fmt(probe['padding_extra_rows_fraction'] and 100 * probe['padding_extra_rows_fraction'], '.1f')}% "
-                         f"rows; dropout draws {probe['dropout_draw_calls']} "
-                         f"({probe['dropout_calls_by_drawn_positions']} by drawn positions)")
+        for method, entry in c["methods"].items():
+            probe = entry.get("probe")
+            if probe:
+                lines.append(f"- {method}: row buckets used {probe['row_buckets_used']}, padding adds "
+                             f"{fmt(probe['padding_extra_rows_fraction'] and 100 * probe['padding_extra_rows_fraction'], '.1f')}% "
+                             f"rows; sync-free layouts {probe.get('sync_free_layouts')} of {probe.get('layouts')}; "
+                             f"dropout draws {probe['dropout_draw_calls']} "
+                             f"({probe['dropout_calls_by_drawn_positions']} by drawn positions)")
         for key, p in c.get("probes", {}).items():
             if "total" in p:
                 where = ", ".join(f"{k} x{v}" for k, v in list(p["by_line"].items())[:5])

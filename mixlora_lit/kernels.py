@@ -7,6 +7,7 @@ Assignments (token, slot) are sorted by expert, so expert e owns one contiguous 
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Callable
 
 import torch
@@ -224,16 +225,24 @@ class ExpertPlan:
         return stacks
 
 
-def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *widths: int) -> bool:
+def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *widths: int, sync_free: bool = False) -> bool:
     """Whether `torch._grouped_mm` runs the kernel's products here: a build that has it, a dtype it
     takes there (CPU: bf16, fp16, fp32; CUDA: bf16 on compute capability 8.0 or later; "meta", for
-    shape checks: bf16, as CUDA), and every row width in bytes (hidden, FFN, rank) a multiple of 16."""
+    shape checks: bf16, as CUDA), and every row width in bytes (hidden, FFN, rank) a multiple of 16.
+
+    sync_free: also without reading the group offsets back to the host. On CUDA only torch's CUTLASS
+    kernels do that (bf16 on compute capability 9.x or 10.x, Linux, not ROCm); elsewhere it falls back
+    to one matmul per group after copying the offsets to the host, a synchronisation per call."""
     if not hasattr(torch, "_grouped_mm") or not all(w * dtype.itemsize % 16 == 0 for w in widths):
         return False
     if device.type == "cpu":
         return dtype in (torch.bfloat16, torch.float16, torch.float32)
     if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+        major, minor = torch.cuda.get_device_capability(device)
+        if sync_free:
+            return (dtype == torch.bfloat16 and major in (9, 10) and torch.version.hip is None
+                    and sys.platform.startswith("linux"))
+        return dtype == torch.bfloat16 and (major, minor) >= (8, 0)
     return device.type == "meta" and dtype == torch.bfloat16
 
 

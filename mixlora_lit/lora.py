@@ -65,7 +65,8 @@ def dropped_positions(numel: int, threshold: int, device: torch.device, width: i
     width = width or numel
     if numel % width:
         raise ValueError(f"{numel} elements are not rows of {width}")
-    rate = torch.full((numel // width,), lam * width, dtype=torch.float64, device=device)
+    rate_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no fp64
+    rate = torch.full((numel // width,), lam * width, dtype=rate_dtype, device=device)
     starts = torch.repeat_interleave(torch.arange(0, numel, width, device=device), torch.poisson(rate).to(torch.int64))
     return starts.add_(torch.randint(width, starts.shape, device=device))
 

@@ -92,9 +92,10 @@ class MixLoraMoeFFN(nn.Module):
         # kernels.grouped_mm_supported) instead of one batched matmul per expert.
         self.grouped_mm = False
         # Build the routing layout on the device without reading anything back to the host, and run the
-        # products as grouped matmuls (top-k routing, where `grouped_mm_supported`; else the usual
-        # layout): for GPUs, where each read-back stalls the device (see ExpertLayout). Experts without
-        # rows then get zero gradients rather than none. Blocks padded to `sync_free_bucket` rows.
+        # products as grouped matmuls (top-k routing, where `grouped_mm_supported(..., sync_free=True)`;
+        # else the usual layout): for GPUs, where each read-back stalls the device (see ExpertLayout).
+        # Experts without rows then get zero gradients rather than none. Blocks padded to
+        # `sync_free_bucket` rows.
         # Off by default: not yet timed on a GPU (`benchmarks/bench_gpu_step.py`, fused_syncfree).
         self.sync_free = False
         self.sync_free_bucket = 1
@@ -282,7 +283,7 @@ class MixLoraMoeFFN(nn.Module):
     def _sync_free_applies(self, dtype: torch.dtype, device: torch.device, hidden: int, ffn: int) -> bool:
         """`sync_free` is on and can hold: top-k routing (no frozen-FFN block), grouped matmuls here."""
         return (self.sync_free and isinstance(self.moe_gate, TopKRouter)
-                and grouped_mm_supported(dtype, device, hidden, ffn, self._expert("down_proj", 0).r))
+                and grouped_mm_supported(dtype, device, hidden, ffn, self._expert("down_proj", 0).r, sync_free=True))
 
     def row_buckets(self, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
         """(row_bucket, uniform_bucket) for the kernel's inputs in `dtype` on `device`, `None` resolved."""
@@ -398,8 +399,11 @@ def set_recompute_experts(model: nn.Module, enabled: bool = True) -> None:
 def set_sync_free(model: nn.Module, enabled: bool = True, bucket: int = 1) -> None:
     """Build every MixLoRA FFN's routing layout on the device, with nothing read back to the host, and
     run its expert products as grouped matmuls (`MixLoraMoeFFN.sync_free`; for GPUs), blocks padded to
-    `bucket` rows. Where it cannot apply (switch routing, no grouped matmul for the dtype or device)
-    the usual layout runs."""
+    `bucket` rows. Where it cannot apply the usual layout runs: switch routing, experts other than plain
+    LoRA on gate, up and down (DoRA, `factor_down` off), or no grouped matmul that keeps its offsets on
+    the device for this dtype and device (on CUDA: bf16 on compute capability 9.x/10.x; see
+    `kernels.grouped_mm_supported`). Experts without rows then get zero gradients, not none, so AdamW
+    still applies their momentum and weight decay: a change to training, not only to speed."""
     for module in model.modules():
         if isinstance(module, MixLoraMoeFFN):
             module.sync_free, module.sync_free_bucket = enabled, bucket

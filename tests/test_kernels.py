@@ -178,6 +178,23 @@ def test_sync_free_layout_matches_the_oracle(k, dropout, bucket, unused):
             assert torch.allclose(a.double(), b, rtol=1e-4, atol=1e-3), f"gradient of input {i}"
 
 
+@pytest.mark.parametrize("capability,plain,sync_free", [((8, 0), True, False), ((8, 9), True, False),
+                                                         ((9, 0), True, True), ((10, 0), True, True),
+                                                         ((12, 0), True, False), ((7, 5), False, False)])
+def test_grouped_matmuls_count_as_sync_free_on_cuda_only_where_torch_has_its_own_kernel(monkeypatch, capability,
+                                                                                       plain, sync_free):
+    """torch runs `_grouped_mm` on CUDA from compute capability 8.0 (bf16), but only its CUTLASS kernels
+    (9.x, 10.x) keep the offsets on the device; elsewhere it copies them to the host at every call.
+    (No GPU here: the device's capability is what this policy reads, so it is set.)"""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    assert kernels.grouped_mm_supported(torch.bfloat16, cuda, 64, 128, 16) is plain
+    assert kernels.grouped_mm_supported(torch.bfloat16, cuda, 64, 128, 16, sync_free=True) is (
+        sync_free and torch.version.hip is None)
+    assert not kernels.grouped_mm_supported(torch.float32, cuda, 64, 128, 16, sync_free=True)
+    assert not kernels.grouped_mm_supported(torch.bfloat16, cuda, 64, 128, 4, sync_free=True)  # 8-byte rows
+
+
 def test_sync_free_path_reads_nothing_back_from_the_device():
     """A training forward + backward of a MixLoRA FFN (with dropout) and of an attention LoRA on the
     "meta" device, which has shapes but no data: any read of a value on the host (`.item()`,

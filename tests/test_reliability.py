@@ -492,11 +492,17 @@ def test_the_module_warns_about_dead_experts_at_once_and_collapse_after_three_pa
         module._warn_unhealthy_routing(collapsed)
 
 
-def test_the_weight_check_after_each_update_names_a_non_finite_tensor_only(tiny_model_dir):
+@pytest.mark.parametrize("torch_has_get_total_norm", [True, False])
+def test_the_weight_check_after_each_update_names_a_non_finite_tensor_only(tiny_model_dir, monkeypatch,
+                                                                           torch_has_get_total_norm):
     """The screen by one total norm stops on a NaN or inf weight and names it, and lets a finite weight
-    too large for the norm (whose square overflows fp32) through, as the per-tensor check does."""
+    too large for the norm (whose square overflows fp32) through, as the per-tensor check does; also
+    with the fallback for torch < 2.6, which has no `get_total_norm`."""
     from mixlora_lit.errors import TrainingDiverged
     from mixlora_lit.lightning.module import MixLoraLitModule
+
+    if not torch_has_get_total_norm:
+        monkeypatch.delattr(torch.nn.utils, "get_total_norm")
 
     module = MixLoraLitModule(base=str(tiny_model_dir), adapter={"num_experts": 4, "top_k": 2, "r": 4})
     module.configure_model()

@@ -232,7 +232,13 @@ class MixLoraLitModule(pl.LightningModule):
         about 1,700 per step for MixLoRA on SmolLM2, each a GPU sync) screens every trainable tensor;
         only when it is not finite (a non-finite weight, or a norm past the dtype's range) is each checked."""
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if trainable and not torch.isfinite(torch.nn.utils.get_total_norm(trainable)):
+        if not trainable:
+            return
+        total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+        with torch.no_grad():
+            norm = (total_norm(trainable) if total_norm is not None else  # per tensor, still one read:
+                    torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p).float() for p in trainable])))
+        if not torch.isfinite(norm):
             for name, param in self.model.named_parameters():
                 if param.requires_grad and not torch.isfinite(param).all():
                     raise self._non_finite(batch_idx, f"the optimizer step made {name} non-finite")
