@@ -45,12 +45,13 @@ def dropped_positions(numel: int, threshold: int, device: torch.device, width: i
     hit at least once with probability 1 - e^-lam = p. That draws about 0.05 n random numbers
     instead of a mask of n, and the positions are all the caller needs to zero.
 
-    With `row_order` (default: on the CPU only) each row draws its own count (Poisson(width * lam)), so the positions come in row
-    order and the gathers and scatters that use them sweep the tensor once (about twice as fast over
-    a [1280, 1536] fp32 tensor as scattered positions). Without it (default off the CPU) the one count
-    comes from the host's generator: per-row counts drawn on the device would need their total on the host, a
-    synchronisation that stalls a GPU at every call, and scattered positions cost a GPU nothing
-    extra. For larger p the positions come from a keep mask (`nonzero`, which synchronises).
+    With `row_order` (default: on the CPU only) each row draws its own count, Poisson(width * lam), so
+    the positions come in row order and the gathers and scatters that use them sweep the tensor once
+    (about twice as fast over a [1280, 1536] fp32 tensor as scattered positions). Without it (default
+    off the CPU) the one count comes from the host's generator: per-row counts drawn on the device
+    would need their total on the host, a synchronisation that stalls a GPU at every call, and
+    scattered positions cost a GPU nothing extra. For larger p the positions come from a keep mask
+    (`nonzero`, which synchronises).
     (torch.randint's modulo reduction adds a relative bias below width / 2**32.)
     """
     p = threshold / 65536
