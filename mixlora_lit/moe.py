@@ -302,11 +302,11 @@ class MixLoraMoeFFN(nn.Module):
         # Sort (token, slot) assignments by expert so each expert reads one contiguous slice
         # (padded to `row_bucket` rows for the kernel, whose matmuls then repeat their shapes).
         plain = self._plain_lora_everywhere()
-        flat = routing.experts.reshape(-1)
-        if plain and self._sync_free_applies(compute_dtype(x), x.device, x.shape[1], gate_base.shape[1]):
+        flat, dtype = routing.experts.reshape(-1), compute_dtype(x)
+        if plain and self._sync_free_applies(dtype, x.device, x.shape[1], gate_base.shape[1]):
             layout = ExpertLayout(flat, self.num_experts, k, self.sync_free_bucket, sync_free=True)
         elif plain:
-            layout = ExpertLayout(flat, self.num_experts, k, *self.row_buckets(compute_dtype(x), x.device),
+            layout = ExpertLayout(flat, self.num_experts, k, *self.row_buckets(dtype, x.device),
                                   self.uniform_waste)
         else:
             layout = ExpertLayout(flat, self.num_experts, k)

@@ -164,8 +164,8 @@ def test_sync_free_layout_matches_the_oracle(k, dropout, bucket, unused):
     experts, leaves = _inputs(k, 0, unused)
     layout = _layout(experts, (bucket, 0), sync_free=True)
     assert layout.counts is None and layout.num_rows == T * k + (E * (bucket - 1) if bucket > 1 else 0)
-    ends = torch.bincount(experts.reshape(-1), minlength=E).div(bucket, rounding_mode="floor").add(
-        (torch.bincount(experts.reshape(-1), minlength=E) % bucket > 0).long()).mul(bucket).cumsum(0)
+    counts = torch.bincount(experts.reshape(-1), minlength=E)
+    ends = ((counts + bucket - 1) // bucket * bucket).cumsum(0)  # each block rounded up to `bucket` rows
     ends[-1] = layout.num_rows  # from the host-side counts (the oracle's view) to the device offsets
     assert layout.offsets.tolist() == ends.tolist()
     k_grads, o_grads = _fp32_kernel_against_oracle(experts, leaves, int(round(dropout * 65536)), (bucket, 0),
