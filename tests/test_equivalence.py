@@ -182,11 +182,13 @@ def test_mixed_precision_autocast_runs_and_is_as_accurate_as_the_reference_path(
         assert 0 < errors["fused"][i] <= 1.5 * errors["reference"][i], errors  # relative to the reference
 
 
+@pytest.mark.parametrize("update", ["in_place", "fused_adamw"])
 @pytest.mark.parametrize("moe_path", ["dense_inference", "fused"])
-def test_inference_weight_caches_follow_every_weight_change(moe_path):
+def test_inference_weight_caches_follow_every_weight_change(moe_path, update):
     """Without autograd, the casts and stacks of adapter weights are cached (attention LoRA, and the
     MoE's dense path or the sorted path's stacked expert weights); an in-place update (as an optimizer
-    step or a load makes) must be seen at the next forward. Oracle: the reference path, which builds
+    step or a load makes) must be seen at the next forward, also a step of torch's fused AdamW, which
+    does not bump the weights' version counters itself. Oracle: the reference path, which builds
     nothing from cache."""
     model = get_mixlora_model(tiny_llama(), MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2),
                               adapter_dtype=torch.float64)
@@ -207,9 +209,17 @@ def test_inference_weight_caches_follow_every_weight_change(moe_path):
     assert (before - logits("reference")).abs().max().item() <= TOL
     assert (logits("fused") - before).abs().max().item() == 0  # served from the caches, unchanged
     gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and ("lora_B" in name or "lora_A" in name):
+    adapters = [p for name, p in model.named_parameters() if p.requires_grad and ("lora_B" in name or "lora_A" in name)]
+    if update == "fused_adamw":
+        for p in adapters:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        optimizer = torch.optim.AdamW(adapters, lr=0.2, fused=True)
+        versions = [p._version for p in adapters]
+        optimizer.step()
+        assert [p._version for p in adapters] != versions  # counted by the library's hook, not by torch
+    else:
+        with torch.no_grad():
+            for p in adapters:
                 p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
     after = logits("fused")
     assert (after - before).abs().max().item() > 1e-3
