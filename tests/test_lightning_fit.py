@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -79,6 +80,8 @@ def test_fit_with_test_after_fit_leaves_a_complete_run_record(tiny_model_dir, pr
     assert record["versions"]["torch"] == torch.__version__ and record["hardware"]["threads"] == torch.get_num_threads()
     assert record["hardware"]["base_dtype"] == "float32"  # --model.base_dtype=fp32, as loaded
     assert record["hardware"]["bf16_native"] == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    # AdamW: torch's fused kernel, which it has for fp32 tensors on the CPU (torch >= 2.4), and the record says so
+    assert cli.trainer.optimizers[0].defaults["fused"] is True and record["hardware"]["optimizer_kernel"] == "fused"
     assert record["run_name"] == "records" and record["adapter"]["num_experts"] == 4
     for split, per_task in (("val", 6), ("test", 6)):
         rows = _check_predictions_match_logged(run_dir, split, data_dir, per_task)
@@ -291,6 +294,44 @@ def test_ddp_two_cpu_processes(tiny_model_dir, prepared_data, tmp_path):
 def test_module_rejects_bad_settings_directly():
     with pytest.raises(ValueError, match=r"MixLoraConfig.top_k=3 is invalid"):
         MixLoraLitModule(base="smollm2-135m", adapter={"method": "mixlora", "num_experts": 2, "top_k": 3})
+
+
+def test_fused_adamw_makes_the_for_loop_update_and_resumes_from_its_state(tiny_model_dir):
+    """The default AdamW (`optimizer.fused: null`, fused where torch has it) over the real module's
+    trainable tensors makes the update of torch's for-loop AdamW (the oracle) to rounding, also when a
+    new one takes over that optimizer's state mid-way (a checkpoint written before this default);
+    `fused: true` where torch has no fused kernel is a user error naming the key."""
+    from mixlora_lit.lightning.module import OptimizerSettings, build_adamw, keep_adamw_kernel
+
+    module = MixLoraLitModule(base=str(tiny_model_dir), adapter={"num_experts": 4, "top_k": 2, "r": 4})
+    module.configure_model()
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    copies = [p.detach().clone().requires_grad_(True) for p in params]
+    settings = dict(lr=1e-2, weight_decay=0.1, betas=(0.8, 0.95))
+    fused, kernel = build_adamw(params, OptimizerSettings(**settings))
+    loop, loop_kernel = build_adamw(copies, OptimizerSettings(**settings, fused=False))
+    assert (kernel, loop_kernel) == ("fused", "for-loop") and fused.defaults["fused"] and not loop.defaults["fused"]
+    initial = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(6):
+        for p, c in zip(params, copies):
+            c.grad = torch.randn(p.shape, generator=gen) * 10.0 ** -(step % 3)
+            p.grad = c.grad.clone()
+        fused.step()
+        loop.step()
+        if step == 2:  # a fresh fused optimizer resumes from the for-loop one's saved state, as from a checkpoint
+            fused = build_adamw(params, OptimizerSettings(**settings))[0]
+            fused.load_state_dict(copy.deepcopy(loop.state_dict()))
+            assert fused.param_groups[0]["fused"] is None  # load_state_dict brought the saved flags back ...
+            keep_adamw_kernel(fused)  # ... which the module undoes when training starts
+            assert all(g["fused"] for g in fused.param_groups)
+    assert min(float((p.detach() - p0).abs().max()) for p, p0 in zip(params, initial)) > 1e-2  # all moved
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p.detach(), c.detach(), rtol=1e-5, atol=1e-6)
+    meta = [torch.nn.Parameter(torch.empty(3, device="meta"))]
+    assert build_adamw(meta, OptimizerSettings())[1] == "for-loop"
+    with pytest.raises(UserError, match=r"model.optimizer.fused=true is invalid here: .*\(meta float32\)"):
+        build_adamw(meta, OptimizerSettings(fused=True))
 
 
 def test_compiled_training_matches_eager(tiny_model_dir, prepared_data, tmp_path):

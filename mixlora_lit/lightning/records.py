@@ -81,6 +81,9 @@ class RunRecorder(pl.Callback):
         dtype = getattr(pl_module, "base_torch_dtype", None)
         if dtype is not None:  # what `base_dtype` (e.g. `auto`) resolved to, once the model is built
             record.hardware["base_dtype"] = str(dtype).removeprefix("torch.")
+        kernel = getattr(pl_module, "optimizer_kernel", None)
+        if kernel is not None:  # what `optimizer.fused` resolved to: fused, foreach or for-loop AdamW
+            record.hardware["optimizer_kernel"] = kernel
         record.adapter = pl_module.describe_adapter()
         trainable, total = pl_module.parameter_counts()
         record.trainable_params, record.total_params = trainable, total
