@@ -122,6 +122,12 @@ def main(argv=None) -> dict:
         results["models"][name] = {"eval_s": ev, "eval_examples_per_s": n_eval / ev,
                                    "generate_s": gen, "generate_tokens_per_s": new_tokens / gen,
                                    "label_token_acc": {t: s["acc"] for t, s in outputs[name][0].items()}}
+    # per round (the medians above are of times, not of ratios): how much the machine moves within one run
+    results["rounds"] = {f"{name}_{work}_s": values for (name, work), values in times.items()}
+    results["rounds"]["mixlora_vs_base_eval_time"] = [a / b for a, b in zip(times[("mixlora", "eval")],
+                                                                            times[("base", "eval")])]
+    results["rounds"]["mixlora_vs_base_generate_time"] = [a / b for a, b in zip(times[("mixlora", "generate")],
+                                                                                times[("base", "generate")])]
     m = results["models"]
     results["merged_vs_unmerged_eval_time"] = m["merged"]["eval_s"] / m["mixlora"]["eval_s"]
     results["merged_vs_unmerged_generate_time"] = m["merged"]["generate_s"] / m["mixlora"]["generate_s"]
@@ -156,6 +162,9 @@ def markdown(results: dict) -> str:
               f"generate {results['merged_vs_unmerged_generate_time']:.3f}",
               f"- MixLoRA / base time: eval {results['mixlora_vs_base_eval_time']:.3f}, "
               f"generate {results['mixlora_vs_base_generate_time']:.3f}",
+              "- MixLoRA / base time per round: eval " + ", ".join(
+                  f"{v:.3f}" for v in results["rounds"]["mixlora_vs_base_eval_time"]) + "; generate " + ", ".join(
+                  f"{v:.3f}" for v in results["rounds"]["mixlora_vs_base_generate_time"]),
               f"- merged and unmerged give the same generations: {results['merged_same_generations']}; "
               f"the same label-token accuracies: {results['merged_same_label_token_acc']}"]
     return "\n".join(lines)
