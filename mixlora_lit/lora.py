@@ -76,11 +76,12 @@ _fused_step_hook = None
 
 
 def _count_fused_updates(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """torch's fused optimizers (`fused=True`: AdamW, Adam, SGD, Adagrad; torch 2.13, seen on CPU) update
-    the parameters in place without bumping their version counters, which `weight_cache` relies on
-    (a cache would then serve the weights before the step): bump them, as any in-place operation does."""
-    params = [p for group in optimizer.param_groups if group.get("fused") for p in group["params"]
-              if p.grad is not None]
+    """torch's fused optimizers (`fused=True`: AdamW, Adam, SGD, Adagrad; torch 2.13, seen on CPU), and
+    others' fused kernels (apex, bitsandbytes, DeepSpeed), update the parameters in place without bumping
+    their version counters, which `weight_cache` relies on (a cache would then serve the weights before
+    the step): after any optimizer's step, bump those of the parameters it could have updated (those with
+    a gradient), as an in-place operation does. An extra bump is harmless (a cache rebuilt once more)."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if params:
         torch.autograd.graph.increment_version(params)
 

@@ -182,13 +182,27 @@ def test_mixed_precision_autocast_runs_and_is_as_accurate_as_the_reference_path(
         assert 0 < errors["fused"][i] <= 1.5 * errors["reference"][i], errors  # relative to the reference
 
 
-@pytest.mark.parametrize("update", ["in_place", "fused_adamw"])
+class _UntrackedSGD(torch.optim.Optimizer):
+    """Updates through `.data`, as optimizers with their own fused kernels do: no version counter moves."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("update", ["in_place", "fused_adamw", "untracked_optimizer"])
 @pytest.mark.parametrize("moe_path", ["dense_inference", "fused"])
 def test_inference_weight_caches_follow_every_weight_change(moe_path, update):
     """Without autograd, the casts and stacks of adapter weights are cached (attention LoRA, and the
     MoE's dense path or the sorted path's stacked expert weights); an in-place update (as an optimizer
-    step or a load makes) must be seen at the next forward, also a step of torch's fused AdamW, which
-    does not bump the weights' version counters itself. Oracle: the reference path, which builds
+    step or a load makes) must be seen at the next forward, also a step of torch's fused AdamW or of an
+    optimizer writing through `.data`, neither of which bumps the weights' version counters itself. Oracle: the reference path, which builds
     nothing from cache."""
     model = get_mixlora_model(tiny_llama(), MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2),
                               adapter_dtype=torch.float64)
@@ -210,10 +224,11 @@ def test_inference_weight_caches_follow_every_weight_change(moe_path, update):
     assert (logits("fused") - before).abs().max().item() == 0  # served from the caches, unchanged
     gen = torch.Generator().manual_seed(5)
     adapters = [p for name, p in model.named_parameters() if p.requires_grad and ("lora_B" in name or "lora_A" in name)]
-    if update == "fused_adamw":
+    if update != "in_place":
         for p in adapters:
             p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-        optimizer = torch.optim.AdamW(adapters, lr=0.2, fused=True)
+        optimizer = (torch.optim.AdamW(adapters, lr=0.2, fused=True) if update == "fused_adamw"
+                     else _UntrackedSGD(adapters, lr=0.2))
         versions = [p._version for p in adapters]
         optimizer.step()
         assert [p._version for p in adapters] != versions  # counted by the library's hook, not by torch
