@@ -299,9 +299,11 @@ def test_module_rejects_bad_settings_directly():
 def test_fused_adamw_makes_the_for_loop_update_and_resumes_from_its_state(tiny_model_dir):
     """The default AdamW (`optimizer.fused: null`, fused where torch has it) over the real module's
     trainable tensors makes the update of torch's for-loop AdamW (the oracle) to rounding, also when a
-    new one takes over that optimizer's state mid-way (a checkpoint written before this default);
-    `fused: true` where torch has no fused kernel is a user error naming the key."""
-    from mixlora_lit.lightning.module import OptimizerSettings, build_adamw, keep_adamw_kernel
+    new one takes over that optimizer's saved state mid-way (a checkpoint written before this default),
+    and stays fused through `load_state_dict`, which brings back the saved flags; the reverse too. With a
+    loss scaler (16-mixed) null means not fused and true is refused, as is true where torch has no fused
+    kernel: user errors naming the key."""
+    from mixlora_lit.lightning.module import OptimizerSettings, build_adamw
 
     module = MixLoraLitModule(base=str(tiny_model_dir), adapter={"num_experts": 4, "top_k": 2, "r": 4})
     module.configure_model()
@@ -320,14 +322,26 @@ def test_fused_adamw_makes_the_for_loop_update_and_resumes_from_its_state(tiny_m
         fused.step()
         loop.step()
         if step == 2:  # a fresh fused optimizer resumes from the for-loop one's saved state, as from a checkpoint
+            saved = copy.deepcopy(loop.state_dict())
+            assert saved["param_groups"][0]["fused"] is None
+            for state in saved["state"].values():  # as saved where torch's default dtype was fp64
+                state["step"] = state["step"].double()
             fused = build_adamw(params, OptimizerSettings(**settings))[0]
-            fused.load_state_dict(copy.deepcopy(loop.state_dict()))
-            assert fused.param_groups[0]["fused"] is None  # load_state_dict brought the saved flags back ...
-            keep_adamw_kernel(fused)  # ... which the module undoes when training starts
-            assert all(g["fused"] for g in fused.param_groups)
+            fused.load_state_dict(saved)
+            assert all(g["fused"] for g in fused.param_groups)  # not the saved flag
+            assert {fused.state[p]["step"].dtype for p in params} == {torch.float32}  # what the fused kernel takes
     assert min(float((p.detach() - p0).abs().max()) for p, p0 in zip(params, initial)) > 1e-2  # all moved
     for p, c in zip(params, copies):
         torch.testing.assert_close(p.detach(), c.detach(), rtol=1e-5, atol=1e-6)
+    # the reverse: a for-loop optimizer resumes from a fused one's state and stays a for-loop one
+    back = build_adamw(copies, OptimizerSettings(**settings, fused=False))[0]
+    back.load_state_dict(copy.deepcopy(fused.state_dict()))
+    assert all(not g["fused"] for g in back.param_groups)
+    assert {back.state[c]["step"].device.type for c in copies} == {"cpu"}
+
+    assert build_adamw(params, OptimizerSettings(), grad_scaler=True)[1] == "for-loop"
+    with pytest.raises(UserError, match=r"model.optimizer.fused=true is invalid with trainer.precision=16-mixed"):
+        build_adamw(params, OptimizerSettings(fused=True), grad_scaler=True)
     meta = [torch.nn.Parameter(torch.empty(3, device="meta"))]
     assert build_adamw(meta, OptimizerSettings())[1] == "for-loop"
     with pytest.raises(UserError, match=r"model.optimizer.fused=true is invalid here: .*\(meta float32\)"):

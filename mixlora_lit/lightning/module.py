@@ -91,9 +91,9 @@ class OptimizerSettings:
 
     `fused`: torch's fused AdamW kernel (one pass over each tensor instead of about ten operations):
     `None` (default) where torch runs it for every trainable tensor (floating point on CPU, CUDA, MPS,
-    XPU), else torch's default; `true` insists (an error where it cannot run), `false` never. Same
-    update up to rounding (about 1 ulp); on a 2-core CPU the quickstart's MixLoRA step (1,710 tensors)
-    took about a fifth of the for-loop's time (`benchmarks/bench_optimizer.py`).
+    XPU) and no loss scaler runs (`16-mixed`), else torch's default; `true` insists (an error where it
+    cannot run), `false` never. Same update up to rounding (about 1 ulp); on a 2-core CPU the quickstart's
+    MixLoRA step (1,710 tensors) took about a quarter of the for-loop's time (`benchmarks/bench_optimizer.py`).
     """
 
     lr: float = 2e-4
@@ -116,31 +116,48 @@ def _torch_default_kernels(params: list[torch.Tensor]) -> tuple[bool | None, boo
         return None, False
 
 
-def build_adamw(params: list[torch.Tensor], settings: OptimizerSettings) -> tuple[torch.optim.AdamW, str]:
+def build_adamw(params: list[torch.Tensor], settings: OptimizerSettings,
+                grad_scaler: bool = False) -> tuple[torch.optim.AdamW, str]:
     """AdamW over `params` as `settings` say, and which implementation runs: `fused`, `foreach` or
-    `for-loop` (`settings.fused`: None picks fused where torch has it for every tensor)."""
+    `for-loop` (`settings.fused`: None picks fused where torch has it for every tensor). `grad_scaler`:
+    training runs with a loss scaler (`16-mixed`), for which Lightning skips `unscale_` with a fused
+    optimizer: gradient clipping then fails and FSDP ranks stop agreeing on skipped steps, so None means
+    not fused there, and True is refused. The optimizer keeps its implementation through `load_state_dict`
+    (`keep_adamw_kernel`)."""
     can_fuse, foreach = _torch_default_kernels(params)
+    if settings.fused and grad_scaler:
+        raise UserError("model.optimizer.fused=true is invalid with trainer.precision=16-mixed: Lightning's loss "
+                        "scaler leaves unscaling to a fused optimizer, which breaks gradient clipping and FSDP; "
+                        "expected null or false, or bf16-mixed")
     if settings.fused and can_fuse is False:  # torch itself would fail only at the first step
         devices = sorted({f"{p.device.type} {str(p.dtype).removeprefix('torch.')}" for p in params})
         raise UserError(f"model.optimizer.fused=true is invalid here: torch has no fused AdamW for these "
                         f"parameters ({', '.join(devices)}); expected null or false")
-    fused = bool(can_fuse) if settings.fused is None else settings.fused
+    fused = bool(can_fuse) and not grad_scaler if settings.fused is None else settings.fused
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
                                   betas=tuple(settings.betas), fused=fused or None)
+    optimizer.register_load_state_dict_post_hook(keep_adamw_kernel)
     return optimizer, "fused" if fused else "foreach" if foreach else "for-loop"
 
 
 def keep_adamw_kernel(optimizer: torch.optim.Optimizer) -> None:
-    """Run the implementation `optimizer` was built with after `load_state_dict`, which brings back the
-    saved optimizer's `fused` and `foreach` flags: a checkpoint written by a for-loop AdamW resumes
-    fused (its `step` counters moved to where the fused kernel wants them), and the reverse."""
+    """After `load_state_dict`, which brings back the saved optimizer's `fused` and `foreach` flags, run
+    the implementation `optimizer` was built with: a checkpoint written by a for-loop AdamW resumes fused,
+    and the reverse, each with its `step` counters where that implementation wants them (fused: float32
+    on the parameter's device; otherwise on the host, unless capturable, so no step reads the device)."""
     fused = bool(optimizer.defaults.get("fused"))
     for group in optimizer.param_groups:
         group["fused"], group["foreach"] = (True, False) if fused else (None, optimizer.defaults.get("foreach"))
-    if fused:
-        for param, state in optimizer.state.items():
-            if torch.is_tensor(state.get("step")):
+    host_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if not torch.is_tensor(state.get("step")):
+                continue
+            if fused:
                 state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+            elif not group.get("capturable"):
+                state["step"] = state["step"].to(device="cpu", dtype=host_dtype)
 
 
 class MixLoraLitModule(pl.LightningModule):
@@ -269,10 +286,6 @@ class MixLoraLitModule(pl.LightningModule):
         self.log("train/lm_loss", lm_loss, batch_size=bs)
         self.log("train/aux_loss", aux_loss, batch_size=bs)
         return loss
-
-    def on_train_start(self) -> None:  # after Lightning restored the optimizers' state from a checkpoint
-        for optimizer in self.trainer.optimizers:
-            keep_adamw_kernel(optimizer)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -499,7 +512,8 @@ class MixLoraLitModule(pl.LightningModule):
                             "`mixlora-lit test --config ... --model.adapter.method=base`")
         hp = self.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer, self.optimizer_kernel = build_adamw(params, hp)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) is not None  # 16-mixed
+        optimizer, self.optimizer_kernel = build_adamw(params, hp, grad_scaler=scaler)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = hp.warmup_steps
 
