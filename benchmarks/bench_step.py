@@ -248,7 +248,8 @@ def main(argv=None) -> dict:
     for method in args.methods:
         t = times[method]
         results["methods"][method] = {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
-                                      "tokens_per_s": tokens / statistics.median(t)}
+                                      "tokens_per_s": tokens / statistics.median(t),
+                                      "round_s": list(t)}  # each round, in order: how the machine moved
     for method, peak in peaks.items():
         results["methods"][method]["peak_rss_mb"] = peak
     m = results["methods"]
