@@ -72,10 +72,10 @@ def dropped_positions(numel: int, threshold: int, device: torch.device, width: i
     return starts.add_(torch.randint(width, starts.shape, device=device))
 
 
-_fused_step_hook = None
+_optimizer_step_hook = None
 
 
-def _count_fused_updates(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+def _count_optimizer_updates(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """torch's fused optimizers (`fused=True`: AdamW, Adam, SGD, Adagrad; torch 2.13, seen on CPU), and
     others' fused kernels (apex, bitsandbytes, DeepSpeed), update the parameters in place without bumping
     their version counters, which `weight_cache` relies on (a cache would then serve the weights before
@@ -86,14 +86,14 @@ def _count_fused_updates(optimizer: torch.optim.Optimizer, args, kwargs) -> None
         torch.autograd.graph.increment_version(params)
 
 
-def _watch_fused_optimizers() -> None:
+def _watch_optimizer_steps() -> None:
     """From the first cached weights on, every optimizer step in this process reports its in-place
     updates (a global post-step hook of torch.optim, registered once)."""
-    global _fused_step_hook
-    if _fused_step_hook is None:
+    global _optimizer_step_hook
+    if _optimizer_step_hook is None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        _fused_step_hook = register_optimizer_step_post_hook(_count_fused_updates)
+        _optimizer_step_hook = register_optimizer_step_post_hook(_count_optimizer_updates)
 
 
 def weight_cache(owner: nn.Module, attr: str, params: tuple[torch.Tensor, ...] | list[torch.Tensor],
@@ -102,12 +102,12 @@ def weight_cache(owner: nn.Module, attr: str, params: tuple[torch.Tensor, ...] |
     a move) or `dtype` differs (a dtype, or any comparable key of what else `build` depends on).
     For forwards without autograd (evaluation, generation), where the casts and concatenations of
     small adapter weights would otherwise repeat at every call. A change is what bumps a tensor's
-    version counter, as every in-place operation does (see `_count_fused_updates` for the exception)."""
+    version counter, as every in-place operation does (see `_count_optimizer_updates` for the exception)."""
     key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
     cached = owner.__dict__.get(attr)
     if cached is not None and cached[0] == key:
         return cached[1]
-    _watch_fused_optimizers()
+    _watch_optimizer_steps()
     with torch.no_grad():
         value = build()
     owner.__dict__[attr] = (key, value)

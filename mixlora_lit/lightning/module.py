@@ -146,10 +146,9 @@ def keep_adamw_kernel(optimizer: torch.optim.Optimizer) -> None:
     and the reverse, each with its `step` counters where that implementation wants them (fused: float32
     on the parameter's device; otherwise on the host, unless capturable, so no step reads the device)."""
     fused = bool(optimizer.defaults.get("fused"))
-    for group in optimizer.param_groups:
-        group["fused"], group["foreach"] = (True, False) if fused else (None, optimizer.defaults.get("foreach"))
     host_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
     for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = (True, False) if fused else (None, optimizer.defaults.get("foreach"))
         for param in group["params"]:
             state = optimizer.state.get(param, {})
             if not torch.is_tensor(state.get("step")):
