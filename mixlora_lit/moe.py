@@ -170,6 +170,11 @@ class MixLoraMoeFFN(nn.Module):
             return "dense_inference"
         return "fused"
 
+    # The routed training paths run eagerly under torch.compile (`model.compile`): their layout is
+    # data-dependent Python state (expert counts, block groups), which dynamo would trace into and recompile
+    # per routing outcome until it hits its recompile limit. Everything around them (attention, norms, the
+    # router) still compiles.
+    @torch.compiler.disable
     def _forward_fused_recompute(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         # Dropout masks are reproduced in the recomputation (the RNG state is restored).
         return checkpoint(self._forward_fused, x, routing, use_reentrant=False)
@@ -292,6 +297,7 @@ class MixLoraMoeFFN(nn.Module):
         uniform = self.uniform_bucket if self.uniform_bucket is not None else (16 if padded else 1)
         return row, uniform
 
+    @torch.compiler.disable  # see _forward_fused_recompute
     def _forward_fused(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         num_tokens = x.shape[0]
         k = routing.experts.shape[1]
