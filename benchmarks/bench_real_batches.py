@@ -10,6 +10,8 @@ router auxiliary loss included):
   base    the frozen base alone, backward to the input embeddings (HF's `enable_input_require_grads`)
   fused   MixLoRA, the quickstart's adapter (8 experts, top-2, r=16, attention LoRA), fused path
   lora    HF PEFT LoRA on the same targets, rank matched to MixLoRA's trainable parameters (`match_rank`)
+  ideal   (not run by default) the experts' arithmetic without routing, in eager PyTorch
+          (`ideal_experts.py`): slot j of every token uses expert j, no dropout, no attention LoRA
 
 One process, one model per method, the same batches; for each batch every method runs one forward +
 backward in turn (interleaved), so machine noise hits all alike. Figures: tokens/s (real, unpadded
@@ -39,6 +41,10 @@ from bench_step import apply_malloc_setting, emit, write_profile  # noqa: E402
 from mixlora_lit.runs import cpu_model  # noqa: E402
 
 METHODS = ("base", "fused", "lora")
+EXTRA_METHODS = ("ideal",)  # not run by default
+# `<method>_compiled`: the same with the decoder under torch.compile (`MixLoraLitModule(compile=True)`),
+# compiled in the warm-up batches (dynamic shapes from the second length on).
+COMPILED = tuple(f"{m}_compiled" for m in ("base", "fused", "ideal"))
 # Kernel variants of fused MixLoRA (not run by default): MixLoraMoeFFN attributes they set.
 VARIANTS = {"fused_grouped": {"grouped_mm": True},  # torch._grouped_mm over the experts' blocks
             "fused_uniform": {"uniform_waste": float("inf")},  # always one batched matmul (uniform blocks)
@@ -64,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="passes over the timed batches")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + tuple(VARIANTS),
-                   help="also: " + ", ".join(f"{k} ({v})" for k, v in VARIANTS.items()))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRA_METHODS + COMPILED + tuple(VARIANTS),
+                   help="also: ideal (ideal_experts.py), base_compiled, fused_compiled, ideal_compiled, " + ", ".join(f"{k} ({v})" for k, v in VARIANTS.items()))
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--profile", default=None, metavar="DIR", help="also write per-operator profiles here")
@@ -116,19 +122,30 @@ def build(method: str, model_section: dict):
     from mixlora_lit.lightning.module import MixLoraLitModule, causal_lm
     from mixlora_lit.moe import MixLoraMoeFFN
 
+    compiled = method.endswith("_compiled")
+    method = method.removesuffix("_compiled")
     adapter = dict(model_section.get("adapter", {}))
-    adapter["method"] = {"fused": "mixlora", "lora": "lora", "base": "base", **dict.fromkeys(VARIANTS, "mixlora")}[method]
+    adapter["method"] = {"fused": "mixlora", "lora": "lora", "base": "base", "ideal": "base",
+                         **dict.fromkeys(VARIANTS, "mixlora")}[method]
     if method == "lora":
         adapter["match_rank"] = True
     torch.manual_seed(0)
     module = MixLoraLitModule(base=model_section.get("base", "smollm2-135m"),
-                              base_dtype=model_section.get("base_dtype", "auto"), adapter=adapter)
+                              base_dtype=model_section.get("base_dtype", "auto"), adapter=adapter, compile=compiled)
     module.configure_model()
     module.train()
     for layer in module.modules():
         if isinstance(layer, MixLoraMoeFFN):
             for key, value in VARIANTS.get(method, {}).items():
                 setattr(layer, key, value)
+    if method == "ideal":
+        from ideal_experts import make_ideal
+
+        from mixlora_lit.config import MixLoraConfig
+
+        d = MixLoraConfig()  # the adapter's defaults where the config leaves a key out
+        make_ideal(module.model, adapter.get("num_experts", d.num_experts), adapter.get("top_k") or 2,
+                   adapter.get("r", d.r), adapter.get("lora_alpha", d.lora_alpha))
     if method == "base":  # the floor: gradients flow back to the input embeddings, no weight gradients
         causal_lm(module.model).enable_input_require_grads()
     params = [p for p in module.parameters() if p.requires_grad]
@@ -165,6 +182,10 @@ def main(argv=None) -> dict:
     shapes = [tuple(b["input_ids"].shape) for b in timed]
     print(f"{len(timed)} timed batches, shapes {shapes}; {real_tokens} real tokens of {padded_tokens} positions",
           flush=True)
+    if sum(m.endswith("_compiled") for m in args.methods) > 1:
+        # The compiled models share dynamo's cache per code object (the decoder layer's forward sees each
+        # model's FFN type and shapes in turn): room for all of them, not the default 8 entries.
+        torch._dynamo.config.recompile_limit = 64
     steps, rank = {}, None
     for method in args.methods:
         module, steps[method] = build(method, model_section)
@@ -213,6 +234,12 @@ def main(argv=None) -> dict:
     results["real_batch_ratio_vs_base"] = ratio("fused", "base")
     results["real_batch_ratio_vs_lora"] = ratio("fused", "lora")
     results["lora_ratio_vs_base"] = ratio("lora", "base")
+    if "ideal" in m:
+        results["ideal_ratio_vs_base"] = ratio("ideal", "base")
+        results["fused_ratio_vs_ideal"] = ratio("fused", "ideal")
+    for name in ("fused_compiled", "ideal_compiled"):
+        if name in m:
+            results[f"{name}_ratio_vs_base_compiled"] = ratio(name, "base_compiled")
     for variant in VARIANTS:
         if variant in m:
             results[f"{variant}_ratio_vs_fused"] = ratio(variant, "fused")
@@ -247,6 +274,9 @@ def markdown(results: dict) -> str:
                      f"| {r['step_median_s']:.3f} | {r['real_tokens_per_s']:.0f} | {rel} |")
     lines.append("")
     for key in ("real_batch_ratio_vs_base", "real_batch_ratio_vs_lora", "lora_ratio_vs_base",
+                *(("ideal_ratio_vs_base", "fused_ratio_vs_ideal") if "ideal" in results["methods"] else ()),
+                *(f"{n}_ratio_vs_base_compiled" for n in ("fused_compiled", "ideal_compiled")
+                  if n in results["methods"] and "base_compiled" in results["methods"]),
                 *(f"{v}_ratio_vs_fused" for v in VARIANTS if v in results["methods"])):
         value = results.get(key)
         lines.append(f"- `{key}`: {value:.3f}" if value is not None else f"- `{key}`: n/a")
