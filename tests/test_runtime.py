@@ -115,12 +115,13 @@ def test_real_batch_benchmark_times_the_data_modules_batches(tmp_path, tiny_mode
     out = tmp_path / "real.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_real_batches.py"), "--base", str(tiny_model_dir),
            "--data-dir", str(data_dir), "--batches", "2", "--warmup", "1", "--rounds", "1", "--threads", "1",
-           "--json", str(out), "--markdown", str(tmp_path / "real.md")]
+           "--methods", "base", "fused", "lora", "ideal", "--json", str(out), "--markdown", str(tmp_path / "real.md")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     m = results["methods"]
-    assert set(m) == {"base", "fused", "lora"}
+    assert set(m) == {"base", "fused", "lora", "ideal"}
+    assert results["fused_ratio_vs_ideal"] == pytest.approx(m["fused"]["pass_median_s"] / m["ideal"]["pass_median_s"])
     assert results["real_batch_ratio_vs_base"] == pytest.approx(m["fused"]["pass_median_s"] / m["base"]["pass_median_s"])
     assert results["real_batch_ratio_vs_lora"] == pytest.approx(m["fused"]["pass_median_s"] / m["lora"]["pass_median_s"])
     config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
@@ -130,6 +131,43 @@ def test_real_batch_benchmark_times_the_data_modules_batches(tmp_path, tiny_mode
     assert results["batch_shapes"] == [list(b["input_ids"].shape) for b in batches]
     assert results["real_tokens_per_pass"] == sum(int(b["attention_mask"].sum()) for b in batches)
     assert "| fused |" in (tmp_path / "real.md").read_text()
+
+
+def test_ideal_experts_compute_k_lora_experts_per_token_weighted_by_the_router():
+    """benchmarks/ideal_experts.py, the routing-free floor of bench_real_batches: on a Llama FFN (fp64,
+    random weights) its output is, token by token, sum_j w_j [W2 h_j + s B_down,j A_down,j h_j] with
+    h_j = act(W1 x + s B_gate,j A_gate,j x) * (W3 x + s B_up,j A_up,j x) and w the router's renormalised
+    top-k probabilities, computed here one token and slot at a time; the backward reaches every weight."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ideal_experts
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=12, intermediate_size=20, num_attention_heads=2, hidden_act="silu")).double()
+    model = torch.nn.Sequential(mlp)
+    assert ideal_experts.make_ideal(model, num_experts=4, top_k=2, r=3, lora_alpha=6) == 1
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    out = model(x)
+    s, m = 2.0, mlp
+    probs = torch.softmax(x @ m.ideal_router.t(), dim=-1)
+    for b in range(2):
+        for t in range(5):
+            xt = x[b, t]
+            top = probs[b, t].topk(2).values
+            want = torch.zeros(12, dtype=torch.float64)
+            for j, w in enumerate(top / top.sum()):
+                a_g, a_u = m.ideal_a_gu[j, :3], m.ideal_a_gu[j, 3:]
+                gate = m.gate_proj.weight @ xt + s * m.ideal_b_g[j] @ (a_g @ xt)
+                up = m.up_proj.weight @ xt + s * m.ideal_b_u[j] @ (a_u @ xt)
+                h = torch.nn.functional.silu(gate) * up
+                want += w * (m.down_proj.weight @ h + s * m.ideal_b_d[j] @ (m.ideal_a_d[j] @ h))
+            torch.testing.assert_close(out[b, t], want)
+    out.square().sum().backward()
+    ideal = [p for n, p in mlp.named_parameters() if n.startswith("ideal_")]
+    assert len(ideal) == 6 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in ideal)
 
 
 def test_moe_layer_benchmark_times_each_path_it_names(tmp_path):
