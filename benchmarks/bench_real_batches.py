@@ -231,18 +231,18 @@ def main(argv=None) -> dict:
             return []
         return [x / y for x, y in zip(per_batch[a], per_batch[b])]
 
-    results["real_batch_ratio_vs_base"] = ratio("fused", "base")
-    results["real_batch_ratio_vs_lora"] = ratio("fused", "lora")
-    results["lora_ratio_vs_base"] = ratio("lora", "base")
-    if "ideal" in m:
-        results["ideal_ratio_vs_base"] = ratio("ideal", "base")
-        results["fused_ratio_vs_ideal"] = ratio("fused", "ideal")
-    for name in ("fused_compiled", "ideal_compiled"):
-        if name in m:
-            results[f"{name}_ratio_vs_base_compiled"] = ratio(name, "base_compiled")
-    for variant in VARIANTS:
-        if variant in m:
-            results[f"{variant}_ratio_vs_fused"] = ratio(variant, "fused")
+    # Each ratio key: (numerator, denominator); the always-present keys are None when a method did not run.
+    pairs = {"real_batch_ratio_vs_base": ("fused", "base"), "real_batch_ratio_vs_lora": ("fused", "lora"),
+             "lora_ratio_vs_base": ("lora", "base")}
+    optional = {"ideal_ratio_vs_base": ("ideal", "base"), "fused_ratio_vs_ideal": ("fused", "ideal"),
+                **{f"{n}_ratio_vs_base_compiled": (n, "base_compiled") for n in ("fused_compiled", "ideal_compiled")},
+                **{f"{v}_ratio_vs_fused": (v, "fused") for v in VARIANTS}}
+    pairs.update({k: ab for k, ab in optional.items() if ab[0] in m and ab[1] in m})
+    results["round_ratios"] = {}
+    for key, (a, b) in pairs.items():
+        results[key] = ratio(a, b)
+        if a in totals and b in totals:  # the same ratio in each round, for the spread
+            results["round_ratios"][key] = [x / y for x, y in zip(totals[a], totals[b])]
     for other in ("base", "lora"):
         r = batch_ratios("fused", other)
         results[f"per_batch_ratio_vs_{other}"] = ({"median": statistics.median(r), "min": min(r), "max": max(r)}
@@ -262,8 +262,9 @@ def markdown(results: dict) -> str:
              f"batches, {results['real_tokens_per_pass']} real tokens in {results['padded_tokens_per_pass']} "
              f"positions per pass, shapes {sorted(set(results['batch_shapes']))}; training loss at supervised "
              f"positions; {s['threads']} threads; median of {s['rounds']} interleaved passes after {s['warmup']} "
-             f"warm-up batches; LoRA r={results['lora_rank']} (matched); allocator "
-             f"{'tuned' if results.get('allocator_tuned') else 'glibc default'}; torch {results['torch']}"
+             f"warm-up batches; "
+             + (f"LoRA r={results['lora_rank']} (matched); " if results.get("lora_rank") else "")
+             + f"allocator {'tuned' if results.get('allocator_tuned') else 'glibc default'}; torch {results['torch']}"
              + (f"; adapter overrides {' '.join(s['adapter'])}" if s.get("adapter") else ""), "",
              "| method | pass (s) | min-max (s) | median step (s) | real tokens/s | fused / this |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -273,13 +274,11 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {r['pass_median_s']:.2f} | {r['pass_min_s']:.2f}-{r['pass_max_s']:.2f} "
                      f"| {r['step_median_s']:.3f} | {r['real_tokens_per_s']:.0f} | {rel} |")
     lines.append("")
-    for key in ("real_batch_ratio_vs_base", "real_batch_ratio_vs_lora", "lora_ratio_vs_base",
-                *(("ideal_ratio_vs_base", "fused_ratio_vs_ideal") if "ideal" in results["methods"] else ()),
-                *(f"{n}_ratio_vs_base_compiled" for n in ("fused_compiled", "ideal_compiled")
-                  if n in results["methods"] and "base_compiled" in results["methods"]),
-                *(f"{v}_ratio_vs_fused" for v in VARIANTS if v in results["methods"])):
-        value = results.get(key)
-        lines.append(f"- `{key}`: {value:.3f}" if value is not None else f"- `{key}`: n/a")
+    keys = ["real_batch_ratio_vs_base", "real_batch_ratio_vs_lora", "lora_ratio_vs_base", *results.get("round_ratios", {})]
+    for key in dict.fromkeys(keys):
+        value, rounds = results.get(key), results.get("round_ratios", {}).get(key, [])
+        per_round = f" (per round {', '.join(f'{x:.3f}' for x in rounds)})" if len(rounds) > 1 else ""
+        lines.append(f"- `{key}`: {value:.3f}{per_round}" if value is not None else f"- `{key}`: n/a")
     for other in ("base", "lora"):
         r = results.get(f"per_batch_ratio_vs_{other}")
         if r:
