@@ -70,8 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="passes over the timed batches")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRA_METHODS + COMPILED + tuple(VARIANTS),
-                   help="also: ideal (ideal_experts.py), base_compiled, fused_compiled, ideal_compiled, " + ", ".join(f"{k} ({v})" for k, v in VARIANTS.items()))
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
+                   choices=METHODS + EXTRA_METHODS + COMPILED + tuple(VARIANTS),
+                   help=f"also: ideal (ideal_experts.py), {', '.join(COMPILED)}, "
+                        + ", ".join(f"{k} ({v})" for k, v in VARIANTS.items()))
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--profile", default=None, metavar="DIR", help="also write per-operator profiles here")
@@ -144,6 +146,10 @@ def build(method: str, model_section: dict):
         from mixlora_lit.config import MixLoraConfig
 
         d = MixLoraConfig()  # the adapter's defaults where the config leaves a key out
+        unmodelled = {k: adapter[k] for k in ("routing_strategy", "use_rslora", "use_dora", "expert_lora")
+                      if adapter.get(k) not in (None, False, getattr(d, k, None))}
+        if unmodelled:
+            raise SystemExit(f"ideal: models top-k routing over plain LoRA experts only, not {unmodelled}")
         make_ideal(module.model, adapter.get("num_experts", d.num_experts), adapter.get("top_k") or 2,
                    adapter.get("r", d.r), adapter.get("lora_alpha", d.lora_alpha))
     if method == "base":  # the floor: gradients flow back to the input embeddings, no weight gradients
@@ -274,7 +280,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {r['pass_median_s']:.2f} | {r['pass_min_s']:.2f}-{r['pass_max_s']:.2f} "
                      f"| {r['step_median_s']:.3f} | {r['real_tokens_per_s']:.0f} | {rel} |")
     lines.append("")
-    keys = ["real_batch_ratio_vs_base", "real_batch_ratio_vs_lora", "lora_ratio_vs_base", *results.get("round_ratios", {})]
+    keys = ["real_batch_ratio_vs_base", "real_batch_ratio_vs_lora", "lora_ratio_vs_base",
+            *results.get("round_ratios", {})]
     for key in dict.fromkeys(keys):
         value, rounds = results.get(key), results.get("round_ratios", {}).get(key, [])
         per_round = f" (per round {', '.join(f'{x:.3f}' for x in rounds)})" if len(rounds) > 1 else ""

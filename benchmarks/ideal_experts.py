@@ -27,7 +27,7 @@ def _ideal_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     x = x.reshape(-1, shape[-1])
     k, r = mlp.ideal_k, mlp.ideal_r
-    probs = F.softmax(F.linear(x, mlp.ideal_router), dim=-1, dtype=torch.float32)
+    probs = F.softmax(F.linear(x, mlp.ideal_router), dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
     weights, _ = probs.topk(k, dim=-1)
     weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype).t().unsqueeze(-1)  # [k, T, 1]
     g, u = mlp.gate_proj(x), mlp.up_proj(x)  # the frozen projections, once per token
@@ -45,8 +45,10 @@ _IDEAL_CLASSES: dict[type, type] = {}
 
 def make_ideal(model: nn.Module, num_experts: int, top_k: int, r: int, lora_alpha: float) -> int:
     """Turn every gated FFN of `model` (gate_proj, up_proj, down_proj, act_fn) into the idealised
-    MixLoRA FFN, with k = top_k experts' LoRA weights (PEFT's initialisation, B small and non-zero so
-    every product is a real one). Returns the number of FFNs changed."""
+    MixLoRA FFN, with k = top_k experts' LoRA weights (A at PEFT's scale; B small but not zero, unlike
+    PEFT's zeros, so that no product is trivially zero), held in the base's dtype (MixLoRA keeps fp32
+    masters and casts them per step: the same here in fp32, a cast fewer for the ideal in bf16).
+    Scaling lora_alpha / r (no rsLoRA). Returns the number of FFNs changed."""
     changed = 0
     for mlp in model.modules():
         if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
@@ -69,6 +71,7 @@ def make_ideal(model: nn.Module, num_experts: int, top_k: int, r: int, lora_alph
         # (a bound method per instance is a guard per layer, and recompiles past dynamo's limit).
         cls = type(mlp)
         if cls not in _IDEAL_CLASSES.values():
-            mlp.__class__ = _IDEAL_CLASSES.setdefault(cls, type(f"Ideal{cls.__name__}", (cls,), {"forward": _ideal_forward}))
+            ideal_cls = type(f"Ideal{cls.__name__}", (cls,), {"forward": _ideal_forward})
+            mlp.__class__ = _IDEAL_CLASSES.setdefault(cls, ideal_cls)
         changed += 1
     return changed

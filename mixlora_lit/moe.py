@@ -170,10 +170,11 @@ class MixLoraMoeFFN(nn.Module):
             return "dense_inference"
         return "fused"
 
-    # The routed training paths run eagerly under torch.compile (`model.compile`): their layout is
+    # The routed paths (training, and inference past the dense path's rows) run eagerly under torch.compile
+    # (`model.compile`), the frozen gate, up and down projections inside them included: their layout is
     # data-dependent Python state (expert counts, block groups), which dynamo would trace into and recompile
     # per routing outcome until it hits its recompile limit. Everything around them (attention, norms, the
-    # router) still compiles.
+    # router) still compiles. (A sync-free layout has static shapes and might compile; not tried.)
     @torch.compiler.disable
     def _forward_fused_recompute(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         # Dropout masks are reproduced in the recomputation (the RNG state is restored).

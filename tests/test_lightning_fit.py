@@ -361,7 +361,7 @@ def _dynamo_compiled(module) -> list[str]:
     return sorted(f.__qualname__ for f in map(inspect.unwrap, functions) if _debug_get_cache_entry_list(f.__code__))
 
 
-def test_compiled_training_matches_eager(tiny_model_dir, prepared_data, tmp_path):
+def test_compiled_training_matches_eager(tiny_model_dir, prepared_data, tmp_path, monkeypatch):
     """`model.compile: true` (torch.compile of the decoder) trains to the same losses as eager, with the
     routed experts left out of the compiled graphs."""
     # Compile time is this test's cost: prompts cut to 32 tokens give every batch one shape (a second
@@ -369,8 +369,17 @@ def test_compiled_training_matches_eager(tiny_model_dir, prepared_data, tmp_path
     # graph (cold inductor cache: 112 s -> 54 s).
     extra = ("--model.adapter.lora_dropout=0", "--data.cutoff_len=32", "--trainer.limit_val_batches=0",
              "--validate_at_start=false")
+    # Whether each of the kernel's products ran under dynamo (traced inline, or as a compiled frame of its own).
+    traced, block_mm = [], kernels.block_mm
+
+    def watched_block_mm(*args, **kwargs):
+        traced.append(torch.compiler.is_compiling())
+        return block_mm(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "block_mm", watched_block_mm)
     losses = {}
     for compiled in (False, True):
+        traced.clear()
         cli = run(_args(tiny_model_dir, prepared_data, tmp_path / str(compiled), f"--model.compile={compiled}",
                         *extra, steps=2))
         rows = _metrics(Path(cli.trainer.log_dir))
@@ -381,6 +390,7 @@ def test_compiled_training_matches_eager(tiny_model_dir, prepared_data, tmp_path
             # ... but not the routed experts: their layout depends on the routing, and dynamo would trace into
             # the kernel and recompile it at every new routing outcome until its recompile limit.
             assert _dynamo_compiled(kernels) == []
+            assert traced and not any(traced)
     assert len(losses[False]) == 2
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
 

@@ -176,8 +176,9 @@ class MixLoraLitModule(pl.LightningModule):
             activations are MixLoRA's extra memory over LoRA; see benchmarks/README.md).
         compile: `torch.compile` the decoder (in place, so checkpoint and adapter keys do not change).
             Needs a C++ compiler on CPU; the first steps of training and of validation compile
-            (tens of seconds). The routed experts of a training step run eagerly inside the compiled
-            decoder (their layout depends on the routing). See benchmarks/README.md for what it buys.
+            (tens of seconds). The routed experts (training, and evaluation batches past the dense
+            inference path) run eagerly inside the compiled decoder: their layout depends on the
+            routing. See benchmarks/README.md for what it buys.
     """
 
     def __init__(self, base: str = "smollm2-135m", base_dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto",
