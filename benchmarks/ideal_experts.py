@@ -10,8 +10,10 @@ This is not a model anyone should train (the experts are never chosen by the rou
 arithmetic and memory traffic of MixLoRA's experts with none of the routing machinery, in eager
 PyTorch. `bench_real_batches.py --methods base fused ideal --adapter lora_dropout=0
 "target_modules=[gate_proj,up_proj,down_proj]"` compares it with the fused kernel on the same
-experts-only, dropout-free adapter, and with the frozen base: ideal / base bounds what any eager
-implementation of the experts can reach on the machine, fused / ideal is what routing costs.
+experts-only, dropout-free adapter, and with the frozen base (add `*_compiled` for the same under
+torch.compile). It is our simplest routing-free formulation, not a lower bound (a hand-written kernel
+could beat it): ideal / base is what the experts' work costs without routing, fused / ideal what the
+routing and the fused kernel's bookkeeping add.
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ def make_ideal(model: nn.Module, num_experts: int, top_k: int, r: int, lora_alph
         # A subclass, not a per-instance forward: under torch.compile every layer then runs the same code
         # (a bound method per instance is a guard per layer, and recompiles past dynamo's limit).
         cls = type(mlp)
-        if cls not in _IDEAL_CLASSES.values():
-            ideal_cls = type(f"Ideal{cls.__name__}", (cls,), {"forward": _ideal_forward})
-            mlp.__class__ = _IDEAL_CLASSES.setdefault(cls, ideal_cls)
+        if cls not in _IDEAL_CLASSES.values():  # not already idealised
+            if cls not in _IDEAL_CLASSES:
+                _IDEAL_CLASSES[cls] = type(f"Ideal{cls.__name__}", (cls,), {"forward": _ideal_forward})
+            mlp.__class__ = _IDEAL_CLASSES[cls]
         changed += 1
     return changed
