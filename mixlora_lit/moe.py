@@ -209,41 +209,43 @@ class MixLoraMoeFFN(nn.Module):
     def _forward_dense_inference(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The fused formula for inference, with the experts' LoRA products as masked dense matmuls.
 
-        Each of the T*k rows (token t, slot j) computes A x for all E experts at once ([N, E*r]),
+        Each of the T*k rows (token t, slot j) takes A x for all E experts at once ([E*r] columns),
         zeroes every block but its expert's, and multiplies by the experts' B matrices laid side by
         side ([E*r, F]): the same sum as the routed expert's B A x, in a few large matmuls. The
         extra work (E-fold on the rank-r products) is small next to the frozen FFN at these ranks.
-        At these sizes (decoding steps) the cost is the number of operations, so they are few: the
-        LoRA scalings live in the cached B matrices, the routing weight of the down LoRA in its mask.
+        At these sizes (decoding steps) the cost is the weights read and the number of operations: gate
+        and up share one A matmul and one batched B matmul, the LoRA scalings live in the cached B
+        matrices, and the down LoRA's routing weights and slot sum are applied before its B matmul
+        (B is shared by the slots, so sum_j w_j B (mask_j A h_j) = B sum_j w_j mask_j A h_j).
         """
         projections = [getattr(self, n) for n in FFN_TARGETS]  # gate, up, down
         dtype, num_tokens, k = compute_dtype(x), x.shape[0], routing.experts.shape[1]
-        a_gu, a_down, b_gate, b_up, b_down, column_expert = self._dense_weights(projections, dtype)
-        rows = num_tokens * k
-        # [N, E*r]: 1 in the columns of the row's expert (none for index E, the frozen FFN alone)
-        select = (routing.experts.reshape(rows, 1) == column_expert).to(dtype)
-        low = F.linear(x, a_gu).repeat_interleave(k, dim=0).view(rows, 2, -1).mul_(select.unsqueeze(1))
-        # [T, k, F] per slot: the frozen output (once per token, broadcast) plus the expert's delta.
-        gate = (low[:, 0] @ b_gate).view(num_tokens, k, -1).add_(self._base("gate_proj")(x).unsqueeze(1))
-        up = (low[:, 1] @ b_up).view(num_tokens, k, -1).add_(self._base("up_proj")(x).unsqueeze(1))
+        a_gu, a_down, b_gu, b_down, column_expert = self._dense_weights(projections, dtype)
+        rows, width = num_tokens * k, column_expert.shape[0]
+        # [T, k, E*r]: 1 in the columns of the slot's expert (none for index E, the frozen FFN alone)
+        select = (routing.experts.unsqueeze(-1) == column_expert).to(dtype)
+        # [2, T, k, E*r]: gate's and up's A x, masked per slot, as one batch of [T*k, E*r] rows each
+        # (written into a [2, T, k, E*r] buffer: the product would otherwise take the transposed input's layout)
+        low = torch.mul(F.linear(x, a_gu).view(num_tokens, 2, 1, width).transpose(0, 1), select,
+                        out=torch.empty(2, num_tokens, k, width, dtype=dtype, device=x.device))
+        gate_up = torch.bmm(low.view(2, rows, width), b_gu).view(2, num_tokens, k, -1)
+        gate = gate_up[0].add_(self._base("gate_proj")(x).unsqueeze(1))  # frozen output broadcast over slots
+        up = gate_up[1].add_(self._base("up_proj")(x).unsqueeze(1))
         h = self.act_fn(gate).mul_(up)  # [T, k, F]
         w = routing.weights.to(dtype)  # [T, k]
-        lora = (F.linear(h.view(rows, -1), a_down).mul_(select.mul_(w.reshape(rows, 1))) @ b_down
-                ).view(num_tokens, k, -1)  # [T, k, H], each slot's down LoRA times its routing weight
-        h_sum, lora_sum = h[:, 0] * w[:, :1], lora[:, 0]
-        for j in range(1, k):  # a loop over the k slots: reducing the middle dim is slow on CPU
-            h_sum.addcmul_(h[:, j], w[:, j:j + 1])
-            lora_sum = lora_sum + lora[:, j]
+        low_down = F.linear(h.view(rows, -1), a_down).view(num_tokens, k, width).mul_(select.mul_(w.unsqueeze(-1)))
+        h_sum = torch.bmm(w.unsqueeze(1), h).view(num_tokens, -1)  # sum_j w_j h_j, as [T, 1, k] @ [T, k, F]
         base_down = self._base("down_proj")
-        y = torch.addmm(lora_sum, h_sum, base_down.weight.t())  # lora_sum + W2 h_sum
+        y = torch.addmm(low_down.sum(1) @ b_down, h_sum, base_down.weight.t())  # W2 h_sum + the down LoRAs
         if base_down.bias is not None:
             y = y + w.sum(dim=1, keepdim=True) * base_down.bias
         return y
 
     def _dense_weights(self, projections: list[MoeProjection], dtype: torch.dtype):
         """In `dtype`, cached until a weight changes: every expert's gate and up A stacked [2*E*r, in]
-        (gate first), the down A stacked [E*r, F], the B matrices stacked and transposed ([E*r, out])
-        with each projection's LoRA scaling folded in, and the expert of each of the E*r columns."""
+        (gate first), the down A stacked [E*r, F], the B matrices stacked and transposed ([E*r, out],
+        gate's and up's as one [2, E*r, F]) with each projection's LoRA scaling folded in, and the
+        expert of each of the E*r columns."""
         params = [w for p in projections for e in p.experts for w in (e.lora_A.weight, e.lora_B.weight)]
 
         def build():
@@ -252,7 +254,7 @@ class MixLoraMoeFFN(nn.Module):
                  .to(dtype) for p in projections]
             r = projections[0].experts[0].r
             column_expert = torch.arange(self.num_experts, device=a[0].device).repeat_interleave(r)
-            return torch.cat([a[0], a[1]]), a[2], b[0], b[1], b[2], column_expert
+            return torch.cat([a[0], a[1]]), a[2], torch.stack([b[0], b[1]]), b[2], column_expert
 
         return weight_cache(self, "_dense_cache", params, dtype, build)
 
