@@ -77,6 +77,11 @@ class MixLoraMoeFFN(nn.Module):
         # costs more than the sorted path's gathers (measured on CPU: the sorted path wins from about
         # 200 tokens at top-2 on SmolLM2's FFN; `benchmarks/README.md`).
         self.dense_inference_max_rows = 384
+        # ... and below this many rows, each row gathers its own expert's LoRA matrices instead of
+        # multiplying by all E experts' (`_forward_gathered_inference`): decoding one or two sequences,
+        # where reading every expert's weights at each step is what the step costs. None: E // 2 + 1
+        # (gathering copies the rows' matrices, so it reads about 2 * rows / E of the dense path's bytes).
+        self.gathered_inference_max_rows: int | None = None
         # Pad each expert's rows to a multiple of this in the LoRA-experts kernel (see ExpertLayout).
         # None: 64 for bf16/fp16 or off the CPU (oneDNN builds a kernel per bf16 matmul shape; on an
         # H100 no padding made the step 1.58x slower), 1 for fp32 on the CPU (MKL has no per-shape
@@ -149,6 +154,7 @@ class MixLoraMoeFFN(nn.Module):
         routing = self.moe_gate(x, batch_shape=tuple(shape[:-1]) if len(shape) == 3 else None)
         self.last_routing = routing
         paths = {"reference": self._forward_reference, "dense_inference": self._forward_dense_inference,
+                 "gathered_inference": self._forward_gathered_inference,
                  "fused_recompute": self._forward_fused_recompute, "fused": self._forward_fused}
         return paths[self.current_path(routing.experts.numel())](x, routing).reshape(shape)
 
@@ -158,6 +164,8 @@ class MixLoraMoeFFN(nn.Module):
         - `reference`: chosen with `set_execution_path("reference")`, the paper's formula as written;
         - `dense_inference`: without autograd, no dropout, plain LoRA on gate, up and down, and at most
           `dense_inference_max_rows` assignments (decoding steps, small batches);
+        - `gathered_inference`: the same, below `gathered_inference_max_rows` assignments (decoding one
+          or two sequences);
         - `fused_recompute`: training with `recompute_experts`, the fused path recomputed in backward;
         - `fused`: everything else (the one-kernel experts when `_plain_lora_everywhere()`).
         """
@@ -167,7 +175,9 @@ class MixLoraMoeFFN(nn.Module):
             return "fused_recompute" if self.recompute_experts and self.training else "fused"
         if (self.dense_inference and rows <= self.dense_inference_max_rows and self._plain_lora_everywhere()
                 and not self._expert_dropout_threshold()):
-            return "dense_inference"
+            gathered = self.gathered_inference_max_rows
+            return "gathered_inference" if rows < (self.num_experts // 2 + 1 if gathered is None else gathered) \
+                else "dense_inference"
         return "fused"
 
     # The routed paths (training, and inference past the dense path's rows) run eagerly under torch.compile
@@ -237,6 +247,45 @@ class MixLoraMoeFFN(nn.Module):
         h_sum = torch.bmm(w.unsqueeze(1), h).view(num_tokens, -1)  # sum_j w_j h_j, as [T, 1, k] @ [T, k, F]
         base_down = self._base("down_proj")
         y = torch.addmm(low_down.sum(1) @ b_down, h_sum, base_down.weight.t())  # W2 h_sum + the down LoRAs
+        if base_down.bias is not None:
+            y = y + w.sum(dim=1, keepdim=True) * base_down.bias
+        return y
+
+    def _forward_gathered_inference(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The dense path's formula with each (token, slot) row's own expert gathered instead of all E
+        masked: for fewer rows than experts (decoding one or two sequences), where the dense path's
+        cost is reading every expert's matrices at each step. Gathering reads only the routed
+        experts' (and writes them once); the products are batched matmuls over the rows. Reads the
+        same cached weights as the dense path, viewed per expert."""
+        projections = [getattr(self, n) for n in FFN_TARGETS]  # gate, up, down
+        dtype, num_tokens, k = compute_dtype(x), x.shape[0], routing.experts.shape[1]
+        a_gu, a_down, b_gu, b_down, _ = self._dense_weights(projections, dtype)
+        num_experts, rank, rows = self.num_experts, projections[0].experts[0].r, num_tokens * k
+        experts, w = routing.experts.reshape(rows), routing.weights.to(dtype)
+        w_lora, valid = w.reshape(rows, 1, 1), None
+        if isinstance(self.moe_gate, SwitchRouter):  # index E (over capacity): the frozen FFN alone, no LoRA
+            valid = (experts < num_experts).to(dtype)
+            w_lora = w_lora * valid.view(rows, 1, 1)
+            experts = experts.clamp(max=num_experts - 1)
+        hidden = x.shape[1]
+        # [2*T*k, r, 1]: gate's then up's A x per row, with each row's own expert's A
+        a_rows = a_gu.view(2, num_experts, rank, hidden).index_select(1, experts).view(2 * rows, rank, hidden)
+        x_rows = x.view(1, num_tokens, 1, hidden).expand(2, num_tokens, k, hidden).reshape(2 * rows, hidden, 1)
+        low = torch.bmm(a_rows, x_rows)
+        if valid is not None:
+            low.view(2, rows, rank).mul_(valid.view(1, rows, 1))
+        b_rows = b_gu.view(2, num_experts, rank, -1).index_select(1, experts).view(2 * rows, rank, -1)
+        gate_up = torch.bmm(low.view(2 * rows, 1, rank), b_rows).view(2, num_tokens, k, -1)
+        gate = gate_up[0].add_(self._base("gate_proj")(x).unsqueeze(1))  # frozen output broadcast over slots
+        up = gate_up[1].add_(self._base("up_proj")(x).unsqueeze(1))
+        h = self.act_fn(gate).mul_(up)  # [T, k, F]
+        ffn = h.shape[-1]
+        low_down = torch.bmm(a_down.view(num_experts, rank, ffn).index_select(0, experts), h.view(rows, ffn, 1))
+        lora = torch.bmm(low_down.mul_(w_lora).view(rows, 1, rank),
+                         b_down.view(num_experts, rank, -1).index_select(0, experts))  # [T*k, 1, H]
+        h_sum = torch.bmm(w.unsqueeze(1), h).view(num_tokens, -1)  # sum_j w_j h_j
+        base_down = self._base("down_proj")
+        y = torch.addmm(lora.view(num_tokens, k, -1).sum(1), h_sum, base_down.weight.t())
         if base_down.bias is not None:
             y = y + w.sum(dim=1, keepdim=True) * base_down.bias
         return y

@@ -42,26 +42,32 @@ def _compare(model, ids, mask, dense_expected: bool, paths=("fused", "per_expert
         for name in ref_grads:
             diff = (fused_grads[name] - ref_grads[name]).abs().max().item()
             assert diff <= TOL, f"{path}: gradient of {name} differs by {diff}"
-    # Without autograd (evaluation, generation) the default path is the dense masked one.
+    # Without autograd (evaluation, generation) the default path is the dense masked one; forced to
+    # gather each row's expert (the path for fewer rows than experts), the same function.
     from mixlora_lit.moe import MixLoraMoeFFN
 
-    original, calls = MixLoraMoeFFN._forward_dense_inference, []
+    for path, max_gathered in (("dense_inference", None), ("gathered_inference", 10**6)):
+        name = f"_forward_{path}"
+        original, calls = getattr(MixLoraMoeFFN, name), []
 
-    def spy(self, *args):
-        calls.append(1)
-        return original(self, *args)
+        def spy(self, *args, original=original, calls=calls):
+            calls.append(1)
+            return original(self, *args)
 
-    MixLoraMoeFFN._forward_dense_inference = spy
-    try:
-        model.set_execution_path("fused")
-        for module in model.moe_layers():
-            module.factor_down = True
-        with torch.no_grad():
-            dense_logits = model(input_ids=ids, attention_mask=mask).logits
-    finally:
-        MixLoraMoeFFN._forward_dense_inference = original
-    assert (dense_logits - ref_logits).abs().max().item() <= TOL
-    assert bool(calls) == dense_expected
+        setattr(MixLoraMoeFFN, name, spy)
+        try:
+            model.set_execution_path("fused")
+            for module in model.moe_layers():
+                module.factor_down = True
+                module.gathered_inference_max_rows = max_gathered
+            with torch.no_grad():
+                no_grad_logits = model(input_ids=ids, attention_mask=mask).logits
+        finally:
+            setattr(MixLoraMoeFFN, name, original)
+            for module in model.moe_layers():
+                module.gathered_inference_max_rows = None
+        assert (no_grad_logits - ref_logits).abs().max().item() <= TOL, path
+        assert bool(calls) == dense_expected, path
     nonzero = 0
     for name in ref_grads:
         nonzero += bool(ref_grads[name].abs().max() > 0)
@@ -258,3 +264,28 @@ def test_large_inference_batches_take_the_sorted_path_and_match_the_reference():
         model.set_execution_path("reference")
         reference = model(input_ids=ids, attention_mask=mask).logits
     assert (fused - reference).abs().max().item() <= TOL
+
+
+def test_no_grad_paths_by_row_count_and_a_decoding_step_matches_the_reference():
+    """Without autograd the path follows the (token, expert) row count: gathered experts below E // 2 + 1
+    rows (unless `gathered_inference_max_rows` says otherwise), dense masked experts up to
+    `dense_inference_max_rows`, the sorted path beyond; with autograd always the fused one. A one-token
+    step of each sequence (2 rows, gathered) agrees with the reference path."""
+    model = get_mixlora_model(tiny_llama(), MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2),
+                              adapter_dtype=torch.float64)
+    randomize_adapters(model)
+    model.eval()
+    module = model.moe_layers()[0]
+    with torch.no_grad():
+        assert [module.current_path(n) for n in (1, 2, 3, 384, 385)] == [
+            "gathered_inference", "gathered_inference", "dense_inference", "dense_inference", "fused"]
+        module.gathered_inference_max_rows = 0
+        assert module.current_path(1) == "dense_inference"
+        module.gathered_inference_max_rows = None
+    assert module.current_path(1) == "fused"  # autograd on
+    ids, mask = batch()
+    with torch.no_grad():
+        step = model(input_ids=ids[:1, :1]).logits
+        model.set_execution_path("reference")
+        reference = model(input_ids=ids[:1, :1]).logits
+    assert (step - reference).abs().max().item() <= TOL

@@ -52,16 +52,19 @@ def test_generate_uses_the_mixlora_layers_and_matches_merged_model(monkeypatch):
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     prompt = torch.tensor([[5, 17, 42, 8]])
     calls, kernel_calls = [], []
-    original = MixLoraMoeFFN._forward_dense_inference
-    monkeypatch.setattr(MixLoraMoeFFN, "_forward_dense_inference",
-                        lambda self, *a: kernel_calls.append(1) or original(self, *a))
+    for path in ("dense_inference", "gathered_inference"):
+        original = getattr(MixLoraMoeFFN, f"_forward_{path}")
+        monkeypatch.setattr(MixLoraMoeFFN, f"_forward_{path}",
+                            lambda self, *a, path=path, original=original: kernel_calls.append(path) or original(self, *a))
     hook = model.moe_layers()[0].register_forward_hook(lambda *a: calls.append(1))
     out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
                          do_sample=False, pad_token_id=0)
     hook.remove()
     assert out.shape == (1, 10) and len(calls) == 6  # one prefill + 5 cached steps
-    # Every MoE layer of every step ran the fused formula's inference form (dense masked experts).
-    assert len(kernel_calls) == 6 * len(model.moe_layers())
+    # Every MoE layer of every step ran the fused formula's inference form: the prefill's 4 tokens x top-2
+    # as dense masked experts, each cached step's 1 x top-2 (fewer rows than the 4 experts) gathered.
+    layers = len(model.moe_layers())
+    assert kernel_calls == ["dense_inference"] * layers + ["gathered_inference"] * (5 * layers)
     # Cached step-by-step generation agrees with a full forward over the generated sequence.
     with torch.no_grad():
         logits = model(input_ids=out[:, :-1]).logits

@@ -186,6 +186,25 @@ def test_moe_layer_benchmark_times_each_path_it_names(tmp_path):
     assert trained["rows"][0]["path"] == "fused" and json.loads(out.read_text())["rows"] == results["rows"]
 
 
+def test_decode_benchmark_gathers_experts_below_the_row_limit_and_reports_quotients(tmp_path, tiny_model_dir):
+    """benchmarks/bench_decode.py, tiny: one sequence's decoding step (2 rows, 4 experts) takes the gathered
+    path and four sequences' (8 rows) the dense one, the ratios are the quotients of the medians it reports,
+    both paths pick the same tokens, and the JSON holds what main() returned."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_decode
+
+    out = tmp_path / "decode.json"
+    results = bench_decode.main(["--base", str(tiny_model_dir), "--dtype", "fp32", "--experts", "4", "--rank", "4",
+                                 "--batch", "1", "4", "--prompt", "5", "--steps", "2", "--rounds", "1", "--threads",
+                                 "1", "--malloc", "default", "--json", str(out)])
+    rows = results["rows"]
+    assert [(r["batch"], r["mixlora_path"]) for r in rows] == [(1, "gathered_inference"), (4, "dense_inference")]
+    for r in rows:
+        assert r["mixlora_vs_dense"] == pytest.approx(r["mixlora_ms"] / r["dense_ms"]) and r["dense_ms"] > 0
+        assert r["mixlora_vs_base"] == pytest.approx(r["mixlora_ms"] / r["base_ms"]) and r["same_tokens"]
+    assert json.loads(out.read_text())["rows"] == rows
+
+
 def test_inference_benchmark_reports_the_eval_and_generation_ratios(tmp_path, tiny_model_dir, prepared_data):
     """benchmarks/bench_inference.py, tiny: the issue's eval and generation ratios are the quotients of the
     medians it reports, merged and unmerged agree, and `--profile` writes each model's generate() profile."""
