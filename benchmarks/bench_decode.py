@@ -6,20 +6,31 @@ LoRA matrices at every step; the gathered path (`_forward_gathered_inference`, t
 `gathered_inference_max_rows`, E // 2 + 1 rows unless set) copies out only the rows' own experts'.
 This times one `forward` per new token with a KV cache (as `generate()` makes them), after a prefill
 of --prompt tokens, for each batch size: the base, MixLoRA by default, and MixLoRA with the gathered
-path off (`dense`), interleaved in one process, medians over rounds. SmolLM2-135M, MixLoRA on q, k,
-v, o, gate, up and down (8 experts, top-2, r=16), small random B matrices. Also checks that both
-paths pick the same tokens.
+path off (`dense`), interleaved in one process (the order flipping every round), medians over
+rounds. SmolLM2-135M, MixLoRA on q, k, v, o, gate, up and down (8 experts, top-2, r=16), small
+random B matrices. Also checks that both paths pick the same tokens. From 4 sequences on (8 rows)
+both MixLoRA models take the dense path: their ratio is then a control, what the machine's noise
+alone makes of two identical runs.
+
+`--against COMMIT` adds `dense@COMMIT`: the dense path as that commit wrote it (its `moe.py`, loaded
+with `git show`, its `_forward_dense_inference` and `_dense_weights` on the same model), to time a
+change of the dense path in one process. Usable while those two methods' interface is unchanged.
 
     .venv/bin/python benchmarks/bench_decode.py --batch 1 2 4 --json reports/bench_decode.json --markdown reports/bench_decode.md
+    .venv/bin/python benchmarks/bench_decode.py --batch 4 --against afb3e0e   # before session 19's dense path
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import apply_malloc_setting, emit  # noqa: E402
@@ -40,9 +51,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned", help="as in bench_step.py")
+    p.add_argument("--against", default=None, metavar="COMMIT", help="also time that commit's dense path")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     return p.parse_args(argv)
+
+
+def dense_path_at(commit: str):
+    """`MixLoraMoeFFN._forward_dense_inference` and `_dense_weights` as `commit` wrote them."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = subprocess.run(["git", "-C", repo, "show", f"{commit}:mixlora_lit/moe.py"], check=True,
+                            capture_output=True, text=True).stdout.replace("from .", "from mixlora_lit.")
+    path = os.path.join(tempfile.mkdtemp(), f"moe_{commit}.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(f"moe_{commit}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MixLoraMoeFFN._forward_dense_inference, module.MixLoraMoeFFN._dense_weights
 
 
 def main(argv=None) -> dict:
@@ -67,6 +93,8 @@ def main(argv=None) -> dict:
             if "lora_B" in name:
                 p.normal_(0.0, 0.02)
     layers = mixlora.moe_layers()
+    models = MODELS + ((f"dense@{args.against}",) if args.against else ())
+    against = dense_path_at(args.against) if args.against else None
 
     def decode(model, ids, steps):
         """Per-step seconds and the tokens picked, greedy, after a prefill of `ids`."""
@@ -81,11 +109,19 @@ def main(argv=None) -> dict:
                 picked.append(token)
             return (time.perf_counter() - start) / steps, torch.cat(picked, dim=1)
 
-    def run(name, ids, steps):
-        model = base if name == "base" else mixlora
+    def configure(name):
         for layer in layers:  # `dense`: no row count is below the gathered path's limit
-            layer.gathered_inference_max_rows = 0 if name == "dense" else None
-        return decode(model, ids, steps)
+            layer.gathered_inference_max_rows = 0 if name.startswith("dense") else None
+            layer.__dict__.pop("_dense_cache", None)  # rebuilt by the (untimed) prefill, by this run's code
+            for method, old in zip(("_forward_dense_inference", "_dense_weights"), against or ()):
+                if name == models[-1] and against:
+                    setattr(layer, method, types.MethodType(old, layer))
+                else:
+                    layer.__dict__.pop(method, None)
+
+    def run(name, ids, steps):
+        configure(name)
+        return decode(base if name == "base" else mixlora, ids, steps)
 
     rows = []
     for batch in args.batch:
@@ -93,16 +129,15 @@ def main(argv=None) -> dict:
         ids = torch.randint(0, base.config.vocab_size, (batch, args.prompt), generator=gen)
         with torch.no_grad():
             paths = {name: layers[0].current_path(batch * args.top_k) for name in ("mixlora",)}
-        times = {name: [] for name in MODELS}
+        times = {name: [] for name in models}
         tokens = {}
-        for name in MODELS:  # warm-up: caches built, allocator settled
+        for name in models:  # warm-up: caches built, allocator settled
             tokens[name] = run(name, ids, 4)[1]
-        for _ in range(args.rounds):
-            for name in MODELS:
+        for round_ in range(args.rounds):
+            for name in models if round_ % 2 == 0 else models[::-1]:  # the order flips every round
                 seconds, tokens[name] = run(name, ids, args.steps)
                 times[name].append(seconds)
-        for layer in layers:
-            layer.gathered_inference_max_rows = None
+        configure("mixlora")  # back to this code's defaults
         med = {name: statistics.median(v) for name, v in times.items()}
         row = {"batch": batch, "rows": batch * args.top_k, "mixlora_path": paths["mixlora"],
                **{f"{name}_ms": med[name] * 1e3 for name in MODELS},
@@ -110,6 +145,11 @@ def main(argv=None) -> dict:
                "mixlora_vs_dense": med["mixlora"] / med["dense"],
                "mixlora_vs_dense_per_round": [a / b for a, b in zip(times["mixlora"], times["dense"])],
                "same_tokens": bool(torch.equal(tokens["mixlora"], tokens["dense"]))}
+        if against:
+            name = models[-1]
+            row.update({"against_ms": med[name] * 1e3, "dense_vs_against": med["dense"] / med[name],
+                        "dense_vs_against_per_round": [a / b for a, b in zip(times["dense"], times[name])],
+                        "same_tokens_against": bool(torch.equal(tokens["dense"], tokens[name]))})
         rows.append(row)
         print(f"batch {batch} ({row['mixlora_path']}): base {row['base_ms']:.1f} ms/step, MixLoRA "
               f"{row['mixlora_ms']:.1f}, dense {row['dense_ms']:.1f}; MixLoRA / dense {row['mixlora_vs_dense']:.3f}",
@@ -133,6 +173,11 @@ def markdown(results: dict) -> str:
     lines.append("")
     lines += [f"- batch {r['batch']}: MixLoRA / dense per round "
               + ", ".join(f"{v:.3f}" for v in r["mixlora_vs_dense_per_round"]) for r in results["rows"]]
+    if s["against"]:
+        lines += [f"- batch {r['batch']}: dense path / dense@{s['against']} {r['dense_vs_against']:.3f} "
+                  f"({r['dense_ms']:.1f} / {r['against_ms']:.1f} ms/step; per round "
+                  + ", ".join(f"{v:.3f}" for v in r["dense_vs_against_per_round"])
+                  + f"); same tokens: {r['same_tokens_against']}" for r in results["rows"]]
     return "\n".join(lines)
 
 
