@@ -2,15 +2,18 @@
 
 A decoding step of a small batch has few (token, expert) rows, and what it costs is reading every
 weight once. The dense masked path (`MixLoraMoeFFN._forward_dense_inference`) reads all E experts'
-LoRA matrices at every step; the gathered path (`_forward_gathered_inference`, the default below
-`gathered_inference_max_rows`, E // 2 + 1 rows unless set) copies out only the rows' own experts'.
+LoRA matrices at every step; the gathered path (`_forward_gathered_inference`, the default up to
+`gathered_inference_max_rows` rows) copies out only the rows' own experts'. The gathered variant here
+runs with that limit at 2 * top-k rows (so one and two sequences gather, whatever the default), the
+dense one with it at 0.
+
 This times one `forward` per new token with a KV cache (as `generate()` makes them), after a prefill
-of --prompt tokens, for each batch size: the base, MixLoRA by default, and MixLoRA with the gathered
-path off (`dense`), interleaved in one process (the order flipping every round), medians over
-rounds. SmolLM2-135M, MixLoRA on q, k, v, o, gate, up and down (8 experts, top-2, r=16), small
-random B matrices. Also checks that both paths pick the same tokens. From 4 sequences on (8 rows)
-both MixLoRA models take the dense path: their ratio is then a control, what the machine's noise
-alone makes of two identical runs.
+of --prompt tokens, for each batch size: the base, MixLoRA gathering (`gathered`) and MixLoRA with the
+gathered path off (`dense`), interleaved in one process (the order flipping every round), medians
+over rounds. SmolLM2-135M, MixLoRA on q, k, v, o, gate, up and down (8 experts, top-2, r=16), small
+random B matrices. Also checks that both paths pick the same tokens, and names the path the library's
+default takes at each row count. From 3 sequences on (6 rows at top-2) both MixLoRA variants take the
+dense path: their ratio is then a control, what the machine's noise alone makes of two identical runs.
 
 `--against COMMIT` adds `dense@COMMIT`: the dense path as that commit wrote it (its `moe.py`, loaded
 with `git show`, its `_forward_dense_inference` and `_dense_weights` on the same model), to time a
@@ -35,7 +38,7 @@ import types
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import apply_malloc_setting, emit  # noqa: E402
 
-MODELS = ("base", "mixlora", "dense")
+MODELS = ("base", "gathered", "dense")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,16 +61,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def dense_path_at(commit: str):
-    """`MixLoraMoeFFN._forward_dense_inference` and `_dense_weights` as `commit` wrote them."""
+    """`MixLoraMoeFFN._forward_dense_inference` and `_dense_weights` as `commit` (any git revision) wrote them."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    source = subprocess.run(["git", "-C", repo, "show", f"{commit}:mixlora_lit/moe.py"], check=True,
+    sha = subprocess.run(["git", "-C", repo, "rev-parse", "--short", commit], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    source = subprocess.run(["git", "-C", repo, "show", f"{sha}:mixlora_lit/moe.py"], check=True,
                             capture_output=True, text=True).stdout.replace("from .", "from mixlora_lit.")
-    path = os.path.join(tempfile.mkdtemp(), f"moe_{commit}.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location(f"moe_{commit}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, f"moe_{sha}.py")
+        with open(path, "w") as f:
+            f.write(source)
+        spec = importlib.util.spec_from_file_location(f"moe_{sha}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module.MixLoraMoeFFN._forward_dense_inference, module.MixLoraMoeFFN._dense_weights
 
 
@@ -110,11 +116,11 @@ def main(argv=None) -> dict:
             return (time.perf_counter() - start) / steps, torch.cat(picked, dim=1)
 
     def configure(name):
-        for layer in layers:  # `dense`: no row count is below the gathered path's limit
-            layer.gathered_inference_max_rows = 0 if name.startswith("dense") else None
+        for layer in layers:  # None: the library's default; `dense`: no row count within the gathered limit
+            layer.gathered_inference_max_rows = {"default": None, "gathered": 2 * args.top_k}.get(name, 0)
             layer.__dict__.pop("_dense_cache", None)  # rebuilt by the (untimed) prefill, by this run's code
             for method, old in zip(("_forward_dense_inference", "_dense_weights"), against or ()):
-                if name == models[-1] and against:
+                if name == models[-1]:
                     setattr(layer, method, types.MethodType(old, layer))
                 else:
                     layer.__dict__.pop(method, None)
@@ -127,8 +133,6 @@ def main(argv=None) -> dict:
     for batch in args.batch:
         gen = torch.Generator().manual_seed(batch)
         ids = torch.randint(0, base.config.vocab_size, (batch, args.prompt), generator=gen)
-        with torch.no_grad():
-            paths = {name: layers[0].current_path(batch * args.top_k) for name in ("mixlora",)}
         times = {name: [] for name in models}
         tokens = {}
         for name in models:  # warm-up: caches built, allocator settled
@@ -137,23 +141,27 @@ def main(argv=None) -> dict:
             for name in models if round_ % 2 == 0 else models[::-1]:  # the order flips every round
                 seconds, tokens[name] = run(name, ids, args.steps)
                 times[name].append(seconds)
-        configure("mixlora")  # back to this code's defaults
+        paths = {}
+        for name in ("gathered", "default"):  # the last: back to the library's defaults
+            configure(name)
+            with torch.no_grad():
+                paths[name] = layers[0].current_path(batch * args.top_k)
         med = {name: statistics.median(v) for name, v in times.items()}
-        row = {"batch": batch, "rows": batch * args.top_k, "mixlora_path": paths["mixlora"],
-               **{f"{name}_ms": med[name] * 1e3 for name in MODELS},
-               "mixlora_vs_base": med["mixlora"] / med["base"], "dense_vs_base": med["dense"] / med["base"],
-               "mixlora_vs_dense": med["mixlora"] / med["dense"],
-               "mixlora_vs_dense_per_round": [a / b for a, b in zip(times["mixlora"], times["dense"])],
-               "same_tokens": bool(torch.equal(tokens["mixlora"], tokens["dense"]))}
+        row = {"batch": batch, "rows": batch * args.top_k, "gathered_variant_path": paths["gathered"],
+               "default_path": paths["default"], **{f"{name}_ms": med[name] * 1e3 for name in MODELS},
+               "gathered_vs_base": med["gathered"] / med["base"], "dense_vs_base": med["dense"] / med["base"],
+               "gathered_vs_dense": med["gathered"] / med["dense"],
+               "gathered_vs_dense_per_round": [a / b for a, b in zip(times["gathered"], times["dense"])],
+               "same_tokens": bool(torch.equal(tokens["gathered"], tokens["dense"]))}
         if against:
             name = models[-1]
             row.update({"against_ms": med[name] * 1e3, "dense_vs_against": med["dense"] / med[name],
                         "dense_vs_against_per_round": [a / b for a, b in zip(times["dense"], times[name])],
                         "same_tokens_against": bool(torch.equal(tokens["dense"], tokens[name]))})
         rows.append(row)
-        print(f"batch {batch} ({row['mixlora_path']}): base {row['base_ms']:.1f} ms/step, MixLoRA "
-              f"{row['mixlora_ms']:.1f}, dense {row['dense_ms']:.1f}; MixLoRA / dense {row['mixlora_vs_dense']:.3f}",
-              flush=True)
+        print(f"batch {batch} ({row['gathered_variant_path']}): base {row['base_ms']:.1f} ms/step, gathered "
+              f"{row['gathered_ms']:.1f}, dense {row['dense_ms']:.1f}; gathered / dense "
+              f"{row['gathered_vs_dense']:.3f}", flush=True)
     results = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
                "allocator_tuned": allocator_tuned, "torch": torch.__version__, "rows": rows}
     return emit(results, markdown(results), args)
@@ -163,16 +171,18 @@ def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [f"{s['base']}, {s['dtype']}, {s['threads']} threads, MixLoRA {s['experts']} experts top-{s['top_k']} "
              f"r={s['rank']} on q, k, v, o, gate, up, down; one cached decoding step after a {s['prompt']}-token "
-             f"prompt; median of {s['rounds']} interleaved rounds of {s['steps']} steps; torch {results['torch']}", "",
-             "| batch | (token, expert) rows | MixLoRA's path | base (ms/step) | MixLoRA | dense path | "
-             "MixLoRA / base | dense / base | MixLoRA / dense | same tokens |",
-             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    lines += [f"| {r['batch']} | {r['rows']} | {r['mixlora_path']} | {r['base_ms']:.1f} | {r['mixlora_ms']:.1f} | "
-              f"{r['dense_ms']:.1f} | {r['mixlora_vs_base']:.3f} | {r['dense_vs_base']:.3f} | "
-              f"{r['mixlora_vs_dense']:.3f} | {r['same_tokens']} |" for r in results["rows"]]
+             f"prompt; median of {s['rounds']} interleaved rounds (order flipping) of {s['steps']} steps; "
+             f"torch {results['torch']}. `gathered`: the gathered path up to {2 * s['top_k']} rows (else dense); "
+             "`dense`: the dense path at every row count", "",
+             "| batch | (token, expert) rows | `gathered` runs | library default | base (ms/step) | gathered | dense | "
+             "gathered / base | dense / base | gathered / dense | same tokens |",
+             "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines += [f"| {r['batch']} | {r['rows']} | {r['gathered_variant_path']} | {r['default_path']} | {r['base_ms']:.1f} | "
+              f"{r['gathered_ms']:.1f} | {r['dense_ms']:.1f} | {r['gathered_vs_base']:.3f} | {r['dense_vs_base']:.3f} | "
+              f"{r['gathered_vs_dense']:.3f} | {r['same_tokens']} |" for r in results["rows"]]
     lines.append("")
-    lines += [f"- batch {r['batch']}: MixLoRA / dense per round "
-              + ", ".join(f"{v:.3f}" for v in r["mixlora_vs_dense_per_round"]) for r in results["rows"]]
+    lines += [f"- batch {r['batch']}: gathered / dense per round "
+              + ", ".join(f"{v:.3f}" for v in r["gathered_vs_dense_per_round"]) for r in results["rows"]]
     if s["against"]:
         lines += [f"- batch {r['batch']}: dense path / dense@{s['against']} {r['dense_vs_against']:.3f} "
                   f"({r['dense_ms']:.1f} / {r['against_ms']:.1f} ms/step; per round "

@@ -5,9 +5,10 @@ MixLoRA's own per-layer cost: SmolLM2-135M's FFN shape (hidden 576, FFN 1536, Si
 MixLoRA FFN built on that very MLP (8 experts, top-2, r=16, dropout 0.05, small random B so the
 experts do work). Two workloads:
 
-  eval   forward without autograd, model.eval(): the dense masked path up to
-         `dense_inference_max_rows` (token, expert) rows (decoding steps, small batches), the sorted
-         fused path above (evaluation batches)
+  eval   forward without autograd, model.eval(): the gathered path up to `gathered_inference_max_rows`
+         (token, expert) rows (one sequence's decoding step), the dense masked path up to
+         `dense_inference_max_rows` (decoding steps, small batches), the sorted fused path above
+         (evaluation batches)
   train  forward + backward with the input requiring grad, model.train() (dropout on)
 
 The base and MixLoRA alternate in one process (medians over --repeats); the same random input per

@@ -74,13 +74,15 @@ class MixLoraMoeFFN(nn.Module):
         # and mask: no sorting, gathers or per-expert loop, which dominate at inference batch sizes.
         self.dense_inference = True
         # ... up to this many (token, expert) rows: beyond, the dense products' E-fold work on every row
-        # costs more than the sorted path's gathers (measured on CPU: the sorted path wins from about
-        # 200 tokens at top-2 on SmolLM2's FFN; `benchmarks/README.md`).
+        # costs more than the sorted path's gathers (measured on CPU before session 19's dense path: the
+        # sorted path wins from about 200 tokens at top-2 on SmolLM2's FFN; `benchmarks/README.md`).
         self.dense_inference_max_rows = 384
-        # ... and below this many rows, each row gathers its own expert's LoRA matrices instead of
-        # multiplying by all E experts' (`_forward_gathered_inference`): decoding one or two sequences,
-        # where reading every expert's weights at each step is what the step costs. None: E // 2 + 1
-        # (gathering copies the rows' matrices, so it reads about 2 * rows / E of the dense path's bytes).
+        # ... and up to this many rows, each row gathers its own expert's LoRA matrices instead of
+        # multiplying by all E experts' (`_forward_gathered_inference`): decoding one sequence, where
+        # reading every expert's weights at each step is what the step costs. Gathering copies the rows'
+        # matrices, so it reads about 2 * rows / E of the dense path's bytes. None: E // 4 (2 rows of 8
+        # experts: one sequence at top-2; `benchmarks/bench_decode.py` measured 0.94x the dense path's
+        # decoding step there, and no clear gain at 4 rows, where the bytes break even).
         self.gathered_inference_max_rows: int | None = None
         # Pad each expert's rows to a multiple of this in the LoRA-experts kernel (see ExpertLayout).
         # None: 64 for bf16/fp16 or off the CPU (oneDNN builds a kernel per bf16 matmul shape; on an
@@ -164,8 +166,8 @@ class MixLoraMoeFFN(nn.Module):
         - `reference`: chosen with `set_execution_path("reference")`, the paper's formula as written;
         - `dense_inference`: without autograd, no dropout, plain LoRA on gate, up and down, and at most
           `dense_inference_max_rows` assignments (decoding steps, small batches);
-        - `gathered_inference`: the same, below `gathered_inference_max_rows` assignments (decoding one
-          or two sequences);
+        - `gathered_inference`: the same, at most `gathered_inference_max_rows` assignments (decoding
+          one sequence);
         - `fused_recompute`: training with `recompute_experts`, the fused path recomputed in backward;
         - `fused`: everything else (the one-kernel experts when `_plain_lora_everywhere()`).
         """
@@ -176,7 +178,7 @@ class MixLoraMoeFFN(nn.Module):
         if (self.dense_inference and rows <= self.dense_inference_max_rows and self._plain_lora_everywhere()
                 and not self._expert_dropout_threshold()):
             gathered = self.gathered_inference_max_rows
-            return "gathered_inference" if rows < (self.num_experts // 2 + 1 if gathered is None else gathered) \
+            return "gathered_inference" if rows <= (self.num_experts // 4 if gathered is None else gathered) \
                 else "dense_inference"
         return "fused"
 
@@ -253,8 +255,8 @@ class MixLoraMoeFFN(nn.Module):
 
     def _forward_gathered_inference(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The dense path's formula with each (token, slot) row's own expert gathered instead of all E
-        masked: for fewer rows than experts (decoding one or two sequences), where the dense path's
-        cost is reading every expert's matrices at each step. Gathering reads only the routed
+        masked: for a few rows (decoding one sequence: at most `gathered_inference_max_rows`), where the
+        dense path's cost is reading every expert's matrices at each step. Gathering reads only the routed
         experts' (and writes them once); the products are batched matmuls over the rows. Reads the
         same cached weights as the dense path, viewed per expert."""
         projections = [getattr(self, n) for n in FFN_TARGETS]  # gate, up, down

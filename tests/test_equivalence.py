@@ -43,7 +43,7 @@ def _compare(model, ids, mask, dense_expected: bool, paths=("fused", "per_expert
             diff = (fused_grads[name] - ref_grads[name]).abs().max().item()
             assert diff <= TOL, f"{path}: gradient of {name} differs by {diff}"
     # Without autograd (evaluation, generation) the default path is the dense masked one; forced to
-    # gather each row's expert (the path for fewer rows than experts), the same function.
+    # gather each row's expert (the path for a few rows: decoding one sequence), the same function.
     from mixlora_lit.moe import MixLoraMoeFFN
 
     for path, max_gathered in (("dense_inference", None), ("gathered_inference", 10**6)):
@@ -90,8 +90,8 @@ def test_fused_matches_reference(family, top_k):
 
 # Inference runs the experts as dense masked matmuls when gate, up and down all carry plain LoRA
 # experts; DoRA experts and an FFN with an untargeted projection keep the fused path.
-DENSE_INFERENCE = {"dora": False, "rslora": True, "switch": True, "mlp_bias": True, "ffn_subset": False,
-                   "expert_lora": True}
+DENSE_INFERENCE = {"dora": False, "rslora": True, "switch": True, "switch_mlp_bias": True, "mlp_bias": True,
+                   "ffn_subset": False, "expert_lora": True}
 
 
 @pytest.mark.parametrize("variant", sorted(DENSE_INFERENCE))
@@ -103,6 +103,9 @@ def test_fused_matches_reference_variants(variant):
         cfg["use_rslora"] = True
     elif variant == "switch":
         cfg.update(routing_strategy="mixlora-switch", top_k=1, expert_capacity=2)
+    elif variant == "switch_mlp_bias":  # switch weights do not sum to one: W2's bias is scaled by them
+        cfg.update(routing_strategy="mixlora-switch", top_k=1, expert_capacity=2)
+        overrides = dict(mlp_bias=True, attention_bias=True)
     elif variant == "mlp_bias":
         overrides = dict(mlp_bias=True, attention_bias=True)
     elif variant == "ffn_subset":
@@ -117,7 +120,7 @@ def test_fused_matches_reference_variants(variant):
     model = get_mixlora_model(base, MixLoraConfig(**cfg), adapter_dtype=torch.float64)
     randomize_adapters(model)
     ids, mask = batch()
-    if variant == "switch":  # the capacity must actually overflow for this test to mean something
+    if variant.startswith("switch"):  # the capacity must actually overflow for this test to mean something
         model(input_ids=ids, attention_mask=mask)
         assert any((m.last_routing.experts == 4).any() for m in model.moe_layers())
     _compare(model, ids, mask, dense_expected=DENSE_INFERENCE[variant])
@@ -159,7 +162,8 @@ def test_recomputing_experts_gives_the_same_gradients_in_training_with_dropout(d
 
 def test_mixed_precision_autocast_runs_and_is_as_accurate_as_the_reference_path():
     """fp32 weights under bf16 autocast (Lightning's `precision: bf16-mixed`): the fused kernel (with
-    grad) and the dense inference path run, and are as close to the fp32 result as the reference path."""
+    grad) and the dense and gathered inference paths run, and are as close to the fp32 result as the
+    reference path."""
     model = get_mixlora_model(tiny_llama(dtype=torch.float32),
                               MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2, lora_dropout=0.0))
     randomize_adapters(model)
@@ -186,6 +190,16 @@ def test_mixed_precision_autocast_runs_and_is_as_accurate_as_the_reference_path(
             ((logits - exact_logits).norm() / exact_logits.norm()).item()
     for i in range(2):  # gradients, then logits
         assert 0 < errors["fused"][i] <= 1.5 * errors["reference"][i], errors  # relative to the reference
+    # The no-grad logits above took the dense path (36 rows); forced, the gathered path under autocast too.
+    model.set_execution_path("fused")
+    for module in model.moe_layers():
+        module.gathered_inference_max_rows = 10**6
+        with torch.no_grad():
+            assert module.current_path(ids.numel() * 2) == "gathered_inference"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        gathered = model(input_ids=ids, attention_mask=mask).logits.float()
+    error = ((gathered - exact_logits).norm() / exact_logits.norm()).item()
+    assert 0 < error <= 1.5 * errors["reference"][1], (error, errors)
 
 
 class _UntrackedSGD(torch.optim.Optimizer):
@@ -267,11 +281,11 @@ def test_large_inference_batches_take_the_sorted_path_and_match_the_reference():
 
 
 def test_no_grad_paths_by_row_count_and_a_decoding_step_matches_the_reference():
-    """Without autograd the path follows the (token, expert) row count: gathered experts below E // 2 + 1
+    """Without autograd the path follows the (token, expert) row count: gathered experts up to E // 4
     rows (unless `gathered_inference_max_rows` says otherwise), dense masked experts up to
     `dense_inference_max_rows`, the sorted path beyond; with autograd always the fused one. A one-token
-    step of each sequence (2 rows, gathered) agrees with the reference path."""
-    model = get_mixlora_model(tiny_llama(), MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2),
+    step of one sequence (2 rows of 8 experts, gathered) agrees with the reference path."""
+    model = get_mixlora_model(tiny_llama(), MixLoraConfig(r=4, lora_alpha=8, num_experts=8, top_k=2),
                               adapter_dtype=torch.float64)
     randomize_adapters(model)
     model.eval()
@@ -279,6 +293,8 @@ def test_no_grad_paths_by_row_count_and_a_decoding_step_matches_the_reference():
     with torch.no_grad():
         assert [module.current_path(n) for n in (1, 2, 3, 384, 385)] == [
             "gathered_inference", "gathered_inference", "dense_inference", "dense_inference", "fused"]
+        module.gathered_inference_max_rows = 3
+        assert module.current_path(3) == "gathered_inference" and module.current_path(4) == "dense_inference"
         module.gathered_inference_max_rows = 0
         assert module.current_path(1) == "dense_inference"
         module.gathered_inference_max_rows = None

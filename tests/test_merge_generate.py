@@ -51,6 +51,8 @@ def test_generate_uses_the_mixlora_layers_and_matches_merged_model(monkeypatch):
     model = _model()
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     prompt = torch.tensor([[5, 17, 42, 8]])
+    for layer in model.moe_layers():  # one sequence's step has 2 rows: gathered (the default limit is E // 4 = 1)
+        layer.gathered_inference_max_rows = 2
     calls, kernel_calls = [], []
     for path in ("dense_inference", "gathered_inference"):
         original = getattr(MixLoraMoeFFN, f"_forward_{path}")
@@ -62,7 +64,7 @@ def test_generate_uses_the_mixlora_layers_and_matches_merged_model(monkeypatch):
     hook.remove()
     assert out.shape == (1, 10) and len(calls) == 6  # one prefill + 5 cached steps
     # Every MoE layer of every step ran the fused formula's inference form: the prefill's 4 tokens x top-2
-    # as dense masked experts, each cached step's 1 x top-2 (fewer rows than the 4 experts) gathered.
+    # as dense masked experts, each cached step's 1 x top-2 gathered.
     layers = len(model.moe_layers())
     assert kernel_calls == ["dense_inference"] * layers + ["gathered_inference"] * (5 * layers)
     # Cached step-by-step generation agrees with a full forward over the generated sequence.
