@@ -81,8 +81,9 @@ class MixLoraMoeFFN(nn.Module):
         # multiplying by all E experts' (`_forward_gathered_inference`): decoding one sequence, where
         # reading every expert's weights at each step is what the step costs. Gathering copies the rows'
         # matrices, so it reads about 2 * rows / E of the dense path's bytes. None: E // 4 (2 rows of 8
-        # experts: one sequence at top-2; `benchmarks/bench_decode.py` measured 0.94x the dense path's
-        # decoding step there, and no clear gain at 4 rows, where the bytes break even).
+        # experts: one sequence at top-2, half the bytes; `benchmarks/bench_decode.py` measured 0.94-1.02x
+        # the dense path's decoding step there in five runs, within the machine's noise, and no clear
+        # gain at 4 rows, where the bytes break even).
         self.gathered_inference_max_rows: int | None = None
         # Pad each expert's rows to a multiple of this in the LoRA-experts kernel (see ExpertLayout).
         # None: 64 for bf16/fp16 or off the CPU (oneDNN builds a kernel per bf16 matmul shape; on an
