@@ -36,6 +36,7 @@ import time
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_inference import mixlora_with_random_b  # noqa: E402
 from bench_step import apply_malloc_setting, emit  # noqa: E402
 
 MODELS = ("base", "gathered", "dense")
@@ -86,18 +87,11 @@ def main(argv=None) -> dict:
     import torch
     from transformers import DynamicCache
 
-    from mixlora_lit import MixLoraConfig, get_mixlora_model
     from mixlora_lit.base_models import load_base_model
 
     torch.set_num_threads(args.threads)
     base = load_base_model(args.base, dtype=args.dtype)[0].eval()
-    torch.manual_seed(0)
-    cfg = MixLoraConfig(r=args.rank, lora_alpha=2 * args.rank, num_experts=args.experts, top_k=args.top_k)
-    mixlora = get_mixlora_model(load_base_model(args.base, dtype=args.dtype)[0], cfg).eval()
-    with torch.no_grad():
-        for name, p in mixlora.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02)
+    mixlora = mixlora_with_random_b(args)[0].eval()
     layers = mixlora.moe_layers()
     models = MODELS + ((f"dense@{args.against}",) if args.against else ())
     against = dense_path_at(args.against) if args.against else None

@@ -50,13 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_models(args):
+def mixlora_with_random_b(args):
+    """MixLoRA (--experts, --top-k, --rank, alpha 2 * rank) on a fresh --base, its B matrices small and
+    random (seed 0) so the adapters change the outputs; with its config."""
     import torch
 
     from mixlora_lit import MixLoraConfig, get_mixlora_model
     from mixlora_lit.base_models import load_base_model
 
-    base, _ = load_base_model(args.base, dtype=args.dtype)
     torch.manual_seed(0)
     cfg = MixLoraConfig(r=args.rank, lora_alpha=2 * args.rank, num_experts=args.experts, top_k=args.top_k)
     mixlora = get_mixlora_model(load_base_model(args.base, dtype=args.dtype)[0], cfg)
@@ -64,6 +65,15 @@ def build_models(args):
         for name, p in mixlora.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.02)
+    return mixlora, cfg
+
+
+def build_models(args):
+    from mixlora_lit import get_mixlora_model
+    from mixlora_lit.base_models import load_base_model
+
+    base, _ = load_base_model(args.base, dtype=args.dtype)
+    mixlora, cfg = mixlora_with_random_b(args)
     merged_source = get_mixlora_model(load_base_model(args.base, dtype=args.dtype)[0], cfg)
     merged_source.load_state_dict(mixlora.state_dict())
     merged = merged_source.merge_and_unload()

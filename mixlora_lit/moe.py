@@ -241,15 +241,24 @@ class MixLoraMoeFFN(nn.Module):
         # (written into a [2, T, k, E*r] buffer: the product would otherwise take the transposed input's layout)
         low = torch.mul(F.linear(x, a_gu).view(num_tokens, 2, 1, width).transpose(0, 1), select,
                         out=torch.empty(2, num_tokens, k, width, dtype=dtype, device=x.device))
-        gate_up = torch.bmm(low.view(2, rows, width), b_gu).view(2, num_tokens, k, -1)
-        gate = gate_up[0].add_(self._base("gate_proj")(x).unsqueeze(1))  # frozen output broadcast over slots
-        up = gate_up[1].add_(self._base("up_proj")(x).unsqueeze(1))
-        h = self.act_fn(gate).mul_(up)  # [T, k, F]
+        h = self._inference_hidden(x, torch.bmm(low.view(2, rows, width), b_gu).view(2, num_tokens, k, -1))
         w = routing.weights.to(dtype)  # [T, k]
         low_down = F.linear(h.view(rows, -1), a_down).view(num_tokens, k, width).mul_(select.mul_(w.unsqueeze(-1)))
-        h_sum = torch.bmm(w.unsqueeze(1), h).view(num_tokens, -1)  # sum_j w_j h_j, as [T, 1, k] @ [T, k, F]
+        return self._inference_output(h, w, low_down.sum(1) @ b_down)
+
+    def _inference_hidden(self, x: torch.Tensor, gate_up_lora: torch.Tensor) -> torch.Tensor:
+        """act(W1 x + gate LoRA) * (W3 x + up LoRA), [T, k, F], from the experts' gate and up LoRA outputs
+        [2, T, k, F] (summed into in place): the frozen outputs once per token, broadcast over the slots."""
+        gate = gate_up_lora[0].add_(self._base("gate_proj")(x).unsqueeze(1))
+        up = gate_up_lora[1].add_(self._base("up_proj")(x).unsqueeze(1))
+        return self.act_fn(gate).mul_(up)
+
+    def _inference_output(self, h: torch.Tensor, w: torch.Tensor, down_lora: torch.Tensor) -> torch.Tensor:
+        """W2 (sum_j w_j h_j) + the routing-weighted down LoRAs already summed per token ([T, H]) + the bias
+        times sum_j w_j: the factored down projection of the no-grad paths."""
+        h_sum = torch.bmm(w.unsqueeze(1), h).view(h.shape[0], -1)  # sum_j w_j h_j, as [T, 1, k] @ [T, k, F]
         base_down = self._base("down_proj")
-        y = torch.addmm(low_down.sum(1) @ b_down, h_sum, base_down.weight.t())  # W2 h_sum + the down LoRAs
+        y = torch.addmm(down_lora, h_sum, base_down.weight.t())
         if base_down.bias is not None:
             y = y + w.sum(dim=1, keepdim=True) * base_down.bias
         return y
@@ -278,20 +287,12 @@ class MixLoraMoeFFN(nn.Module):
         if valid is not None:
             low.view(2, rows, rank).mul_(valid.view(1, rows, 1))
         b_rows = b_gu.view(2, num_experts, rank, -1).index_select(1, experts).view(2 * rows, rank, -1)
-        gate_up = torch.bmm(low.view(2 * rows, 1, rank), b_rows).view(2, num_tokens, k, -1)
-        gate = gate_up[0].add_(self._base("gate_proj")(x).unsqueeze(1))  # frozen output broadcast over slots
-        up = gate_up[1].add_(self._base("up_proj")(x).unsqueeze(1))
-        h = self.act_fn(gate).mul_(up)  # [T, k, F]
+        h = self._inference_hidden(x, torch.bmm(low.view(2 * rows, 1, rank), b_rows).view(2, num_tokens, k, -1))
         ffn = h.shape[-1]
         low_down = torch.bmm(a_down.view(num_experts, rank, ffn).index_select(0, experts), h.view(rows, ffn, 1))
         lora = torch.bmm(low_down.mul_(w_lora).view(rows, 1, rank),
                          b_down.view(num_experts, rank, -1).index_select(0, experts))  # [T*k, 1, H]
-        h_sum = torch.bmm(w.unsqueeze(1), h).view(num_tokens, -1)  # sum_j w_j h_j
-        base_down = self._base("down_proj")
-        y = torch.addmm(lora.view(num_tokens, k, -1).sum(1), h_sum, base_down.weight.t())
-        if base_down.bias is not None:
-            y = y + w.sum(dim=1, keepdim=True) * base_down.bias
-        return y
+        return self._inference_output(h, w, lora.view(num_tokens, k, -1).sum(1))
 
     def _dense_weights(self, projections: list[MoeProjection], dtype: torch.dtype):
         """In `dtype`, cached until a weight changes: every expert's gate and up A stacked [2*E*r, in]
