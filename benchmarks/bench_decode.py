@@ -37,7 +37,7 @@ import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_inference import mixlora_with_random_b  # noqa: E402
-from bench_step import apply_malloc_setting, emit  # noqa: E402
+from bench_step import apply_malloc_setting, emit, interval_line, ratio_interval  # noqa: E402
 
 MODELS = ("base", "gathered", "dense")
 
@@ -146,12 +146,15 @@ def main(argv=None) -> dict:
                "gathered_vs_base": med["gathered"] / med["base"], "dense_vs_base": med["dense"] / med["base"],
                "gathered_vs_dense": med["gathered"] / med["dense"],
                "gathered_vs_dense_per_round": [a / b for a, b in zip(times["gathered"], times["dense"])],
+               "dense_vs_base_per_round": [a / b for a, b in zip(times["dense"], times["base"])],
                "same_tokens": bool(torch.equal(tokens["gathered"], tokens["dense"]))}
         if against:
             name = models[-1]
             row.update({"against_ms": med[name] * 1e3, "dense_vs_against": med["dense"] / med[name],
                         "dense_vs_against_per_round": [a / b for a, b in zip(times["dense"], times[name])],
                         "same_tokens_against": bool(torch.equal(tokens["dense"], tokens[name]))})
+        row["intervals"] = {key: ratio_interval(key, row[f"{key}_per_round"])
+                            for key in ("gathered_vs_dense", "dense_vs_base", "dense_vs_against") if f"{key}_per_round" in row}
         rows.append(row)
         print(f"batch {batch} ({row['gathered_variant_path']}): base {row['base_ms']:.1f} ms/step, gathered "
               f"{row['gathered_ms']:.1f}, dense {row['dense_ms']:.1f}; gathered / dense "
@@ -182,6 +185,9 @@ def markdown(results: dict) -> str:
                   f"({r['dense_ms']:.1f} / {r['against_ms']:.1f} ms/step; per round "
                   + ", ".join(f"{v:.3f}" for v in r["dense_vs_against_per_round"])
                   + f"); same tokens: {r['same_tokens_against']}" for r in results["rows"]]
+    for r in results["rows"]:
+        lines += [interval_line(key, iv).replace("- `", f"- batch {r['batch']}: `", 1)
+                  for key, iv in r.get("intervals", {}).items()]
     return "\n".join(lines)
 
 

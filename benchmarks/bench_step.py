@@ -257,6 +257,11 @@ def main(argv=None) -> dict:
     def ratio(a, b, key="median_s"):
         return m[a][key] / m[b][key] if a in m and b in m and key in m[a] and key in m[b] else None
 
+    # the same ratios in each round (rounds pair the methods' steps), and what those say
+    pairs = {"step_ratio_vs_base": ("fused", "base"), "step_ratio_vs_lora": ("fused", "lora")}
+    results["round_ratios"] = {key: [x / y for x, y in zip(m[a]["round_s"], m[b]["round_s"])]
+                               for key, (a, b) in pairs.items() if a in m and b in m}
+    results["intervals"] = {key: ratio_interval(key, r) for key, r in results["round_ratios"].items()}
     results["step_ratio_vs_lora"] = ratio("fused", "lora")
     results["step_ratio_vs_reference"] = ratio("fused", "reference")
     results["step_ratio_vs_base"] = ratio("fused", "base")
@@ -317,6 +322,48 @@ def apply_malloc_setting(setting: str) -> bool:
     return True
 
 
+# Issue 18's targets for the ratios these benchmarks report (MixLoRA's time over the other's: lower is better).
+TARGETS = {"step_ratio_vs_base": 1.15, "real_batch_ratio_vs_base": 1.15, "step_ratio_vs_lora": 0.8,
+           "real_batch_ratio_vs_lora": 0.8, "mixlora_vs_base_eval_time": 1.25, "mixlora_vs_base_generate_time": 1.5}
+
+
+def ratio_interval(key: str, per_round: list[float], confidence: float = 0.95) -> dict | None:
+    """What the rounds say about a ratio: the geometric mean of its per-round values (each round's paired
+    times) with a Student-t confidence interval on their logarithms, and, for a key in TARGETS, the
+    verdict: `met` when the whole interval is at or under the target, `missed` when it is all above,
+    `undecided` when it straddles it. None below two rounds.
+
+    The rounds are taken as independent draws. On these machines they drift (a ratio falling or rising
+    round by round), which that does not model: read the interval as the spread of this run's rounds, not
+    as a bound on what another run gives."""
+    if len(per_round) < 2:
+        return None
+    import math
+
+    from scipy import stats
+
+    logs = [math.log(r) for r in per_round]
+    n = len(logs)
+    mean = statistics.fmean(logs)
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(logs) / math.sqrt(n)
+    out = {"geometric_mean": math.exp(mean), "low": math.exp(mean - half), "high": math.exp(mean + half),
+           "confidence": confidence, "rounds": n}
+    if key in TARGETS:
+        target = TARGETS[key]
+        out["target"] = target
+        out["verdict"] = "met" if out["high"] <= target else "missed" if out["low"] > target else "undecided"
+    return out
+
+
+def interval_line(key: str, interval: dict | None) -> str:
+    """One Markdown list item for `ratio_interval`'s result."""
+    if interval is None:
+        return f"- `{key}`: one round, no interval"
+    line = (f"- `{key}`: geometric mean {interval['geometric_mean']:.3f} over {interval['rounds']} rounds, "
+            f"{interval['confidence']:.0%} CI {interval['low']:.3f}-{interval['high']:.3f}")
+    return line + (f"; target <= {interval['target']}: **{interval['verdict']}**" if "target" in interval else "")
+
+
 def write_outputs(results: dict, table: str, json_path: str | None, markdown_path: str | None) -> None:
     """The figures as JSON and the table as Markdown, each where asked (creating the folder)."""
     for path, text in ((json_path, json.dumps(results, indent=1)), (markdown_path, table + "\n")):
@@ -348,6 +395,7 @@ def markdown(results: dict) -> str:
                 "compiled_step_ratio_vs_fused", "grouped_step_ratio_vs_fused"):
         value = results.get(key)
         lines.append(f"- `{key}`: {value:.3f}" if value is not None else f"- `{key}`: n/a")
+    lines += [interval_line(key, iv) for key, iv in results.get("intervals", {}).items()]
     return "\n".join(lines)
 
 

@@ -78,6 +78,8 @@ def test_step_benchmark_writes_the_issue_keys(tmp_path, tiny_model_dir):
     assert results["step_ratio_vs_reference"] == pytest.approx(m["fused"]["median_s"] / m["reference"]["median_s"])
     assert results["step_ratio_vs_base"] == pytest.approx(m["fused"]["median_s"] / m["base"]["median_s"])
     assert results["peak_mem_ratio_vs_lora"] == pytest.approx(m["fused"]["peak_rss_mb"] / m["lora"]["peak_rss_mb"])
+    assert results["round_ratios"]["step_ratio_vs_base"] == [m["fused"]["round_s"][0] / m["base"]["round_s"][0]]
+    assert results["intervals"] == {"step_ratio_vs_base": None, "step_ratio_vs_lora": None}  # one round: none
     assert results["allocator_tuned"] is sys.platform.startswith("linux")
     assert "| fused |" in (tmp_path / "bench.md").read_text()
 
@@ -124,6 +126,7 @@ def test_real_batch_benchmark_times_the_data_modules_batches(tmp_path, tiny_mode
     assert results["fused_ratio_vs_ideal"] == pytest.approx(m["fused"]["pass_median_s"] / m["ideal"]["pass_median_s"])
     assert results["real_batch_ratio_vs_base"] == pytest.approx(m["fused"]["pass_median_s"] / m["base"]["pass_median_s"])
     assert results["real_batch_ratio_vs_lora"] == pytest.approx(m["fused"]["pass_median_s"] / m["lora"]["pass_median_s"])
+    assert set(results["intervals"]) == set(results["round_ratios"]) and results["intervals"]["real_batch_ratio_vs_base"] is None
     config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     dm = MultiTaskDataModule(**{**config["data"], "data_dir": str(data_dir)})
     dm.setup("fit")
@@ -193,10 +196,11 @@ def test_decode_benchmark_gathers_experts_below_the_row_limit_and_reports_quotie
     main() returned."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_decode
+    import bench_step
 
     out = tmp_path / "decode.json"
     results = bench_decode.main(["--base", str(tiny_model_dir), "--dtype", "fp32", "--experts", "4", "--rank", "4",
-                                 "--batch", "1", "4", "--prompt", "5", "--steps", "2", "--rounds", "1", "--threads",
+                                 "--batch", "1", "4", "--prompt", "5", "--steps", "2", "--rounds", "3", "--threads",
                                  "1", "--malloc", "default", "--json", str(out)])
     rows = results["rows"]
     assert [(r["batch"], r["gathered_variant_path"], r["default_path"]) for r in rows] == [
@@ -204,6 +208,10 @@ def test_decode_benchmark_gathers_experts_below_the_row_limit_and_reports_quotie
     for r in rows:
         assert r["gathered_vs_dense"] == pytest.approx(r["gathered_ms"] / r["dense_ms"]) and r["dense_ms"] > 0
         assert r["gathered_vs_base"] == pytest.approx(r["gathered_ms"] / r["base_ms"]) and r["same_tokens"]
+        # the interval is over the same rounds the per-round ratios list
+        per_round = r["gathered_vs_dense_per_round"]
+        assert len(per_round) == 3 and r["intervals"]["gathered_vs_dense"] == bench_step.ratio_interval(
+            "gathered_vs_dense", per_round)
     assert json.loads(out.read_text())["rows"] == rows
 
 
@@ -225,6 +233,40 @@ def test_inference_benchmark_reports_the_eval_and_generation_ratios(tmp_path, ti
     assert results["mixlora_vs_base_eval_time"] == pytest.approx(m["mixlora"]["eval_s"] / m["base"]["eval_s"])
     assert results["mixlora_vs_base_generate_time"] == pytest.approx(m["mixlora"]["generate_s"] / m["base"]["generate_s"])
     assert results["merged_same_label_token_acc"] and results["merged_same_generations"]
+    assert results["intervals"] == {"mixlora_vs_base_eval_time": None, "mixlora_vs_base_generate_time": None}
     for name in ("base", "mixlora"):
         assert "aten::mm" in (profiles / f"generate_{name}.txt").read_text()
     assert json.loads(out.read_text())["mixlora_vs_base_generate_time"] == results["mixlora_vs_base_generate_time"]
+
+
+def test_ratio_intervals_cover_the_true_ratio_at_their_level_and_give_the_target_verdicts():
+    """benchmarks/bench_step.py's `ratio_interval` (used by every benchmark with rounds): over log-normal rounds
+    with a known geometric mean, its 95% intervals contain that mean in about 95% of runs with three rounds
+    (a normal quantile instead of Student's t would cover about 80%), agree with scipy's one-sample t-test
+    interval on the logs, and a target's verdict is `met` / `missed` only when the whole interval is on one side."""
+    import math
+
+    import numpy as np
+    from scipy import stats
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_step
+
+    rng = np.random.default_rng(0)
+    truth, trials = 1.2, 4000
+    hits = 0
+    for _ in range(trials):
+        rounds = np.exp(rng.normal(math.log(truth), 0.1, size=3)).tolist()
+        iv = bench_step.ratio_interval("any_ratio", rounds)
+        hits += iv["low"] <= truth <= iv["high"]
+    assert 0.935 <= hits / trials <= 0.965
+    rounds = [1.174, 1.324, 1.157, 1.352, 1.328]
+    iv = bench_step.ratio_interval("mixlora_vs_base_eval_time", rounds)
+    ci = stats.ttest_1samp(np.log(rounds), 0.0).confidence_interval(0.95)
+    assert (math.log(iv["low"]), math.log(iv["high"])) == pytest.approx((ci.low, ci.high))
+    assert iv["geometric_mean"] == pytest.approx(stats.gmean(rounds)) and iv["rounds"] == 5
+    assert iv["target"] == 1.25 and iv["verdict"] == "undecided"
+    assert bench_step.ratio_interval("mixlora_vs_base_eval_time", [1.10, 1.12, 1.11])["verdict"] == "met"
+    assert bench_step.ratio_interval("step_ratio_vs_base", [1.6, 1.7, 1.65])["verdict"] == "missed"
+    assert "verdict" not in bench_step.ratio_interval("gathered_vs_dense", [0.9, 1.0])
+    assert bench_step.ratio_interval("step_ratio_vs_base", [1.6]) is None
