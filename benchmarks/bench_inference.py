@@ -7,8 +7,9 @@ Two workloads, both on real prepared data / real tokens:
 
 Models: base (the frozen base alone), mixlora (attention LoRA unmerged, fused MoE path),
 merged (`merge_and_unload()`: attention LoRA folded into the base weights, MoE FFNs kept).
-Interleaved rounds in one process; medians. The adapters get small random B matrices so merging
-changes weights for real; the script checks that merged and unmerged give the same predictions.
+Interleaved rounds in one process, the order flipping every round; medians, and for MixLoRA / base a
+95% interval over the rounds (`bench_step.ratio_interval`). The adapters get small random B matrices so
+merging changes weights for real; the script checks that merged and unmerged give the same predictions.
 
     .venv/bin/python benchmarks/bench_inference.py --json reports/bench_inference.json --markdown reports/bench_inference.md
 """
@@ -105,7 +106,7 @@ def main(argv=None) -> dict:
     outputs = {}
     with torch.no_grad():
         for round_ in range(args.repeats + 1):  # round 0 warms up
-            for name in MODELS:
+            for name in MODELS if round_ % 2 == 0 else MODELS[::-1]:  # the order flips every round
                 model = models[name]
                 start = time.perf_counter()
                 scores = label_token_accuracy(model, tokenizer, args.tasks, limit=args.limit, data_dir=args.data_dir,
@@ -163,7 +164,7 @@ def markdown(results: dict) -> str:
     lines = [f"{s['base']}, {s['dtype']}, {s['threads']} threads, MixLoRA {s['experts']} experts top-{s['top_k']} "
              f"r={s['rank']}; eval: label-token accuracy over {results['eval_examples']} test examples "
              f"({s['limit']} per task, batch {s['eval_batch']}); generate: {s['gen_batch']} prompts x "
-             f"{s['new_tokens']} new tokens, greedy; median of {s['repeats']} interleaved rounds", "",
+             f"{s['new_tokens']} new tokens, greedy; median of {s['repeats']} interleaved rounds (order flipping)", "",
              "| model | eval (s) | eval examples/s | generate (s) | new tokens/s |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for name, r in results["models"].items():
