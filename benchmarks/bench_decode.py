@@ -147,7 +147,8 @@ def main(argv=None) -> dict:
                "gathered_vs_dense": med["gathered"] / med["dense"],
                "gathered_vs_dense_per_round": [a / b for a, b in zip(times["gathered"], times["dense"])],
                "dense_vs_base_per_round": [a / b for a, b in zip(times["dense"], times["base"])],
-               "same_tokens": bool(torch.equal(tokens["gathered"], tokens["dense"]))}
+               "same_tokens": bool(torch.equal(tokens["gathered"], tokens["dense"])),
+               "round_ms": {name: [t * 1e3 for t in v] for name, v in times.items()}}
         if against:
             name = models[-1]
             row.update({"against_ms": med[name] * 1e3, "dense_vs_against": med["dense"] / med[name],

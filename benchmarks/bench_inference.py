@@ -104,9 +104,12 @@ def main(argv=None) -> dict:
     n_eval = None
     times = {(m, w): [] for m in MODELS for w in ("eval", "generate")}
     outputs = {}
+    round_orders = []  # the models' order in each round, the warm-up round first
     with torch.no_grad():
         for round_ in range(args.repeats + 1):  # round 0 warms up
-            for name in MODELS if round_ % 2 == 0 else MODELS[::-1]:  # the order flips every round
+            order = MODELS if round_ % 2 == 0 else MODELS[::-1]  # the order flips every round
+            round_orders.append(list(order))
+            for name in order:
                 model = models[name]
                 start = time.perf_counter()
                 scores = label_token_accuracy(model, tokenizer, args.tasks, limit=args.limit, data_dir=args.data_dir,
@@ -127,7 +130,7 @@ def main(argv=None) -> dict:
     new_tokens = args.gen_batch * args.new_tokens
     results = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
                "allocator_tuned": allocator_tuned,
-               "torch": torch.__version__, "eval_examples": n_eval, "models": {}}
+               "torch": torch.__version__, "eval_examples": n_eval, "round_orders": round_orders, "models": {}}
     for name in MODELS:
         ev, gen = statistics.median(times[(name, "eval")]), statistics.median(times[(name, "generate")])
         results["models"][name] = {"eval_s": ev, "eval_examples_per_s": n_eval / ev,
@@ -164,7 +167,8 @@ def markdown(results: dict) -> str:
     lines = [f"{s['base']}, {s['dtype']}, {s['threads']} threads, MixLoRA {s['experts']} experts top-{s['top_k']} "
              f"r={s['rank']}; eval: label-token accuracy over {results['eval_examples']} test examples "
              f"({s['limit']} per task, batch {s['eval_batch']}); generate: {s['gen_batch']} prompts x "
-             f"{s['new_tokens']} new tokens, greedy; median of {s['repeats']} interleaved rounds (order flipping)", "",
+             f"{s['new_tokens']} new tokens, greedy; median of {s['repeats']} interleaved rounds"
+             + (" (order flipping)" if len({tuple(o) for o in results.get("round_orders", [])}) > 1 else ""), "",
              "| model | eval (s) | eval examples/s | generate (s) | new tokens/s |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for name, r in results["models"].items():

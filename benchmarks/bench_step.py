@@ -16,9 +16,10 @@ Methods (all forward + backward on the same token batch, LM loss over every posi
                    `make assets`), given the same initial adapter weights: fp32 LoRA experts
 
 Timing is interleaved (one step of each method per round) in one process, so machine noise hits
-all methods alike; medians and min-max over --repeats rounds. Peak memory is each method's whole
-process high-water mark (VmHWM), measured first, in a fresh subprocess per method, because a
-process's high-water mark only grows.
+all methods alike; medians and min-max over --repeats rounds, and for fused / base and fused / LoRA
+each round's ratio (`round_ratios`) with a 95% interval over the rounds and issue 18's verdict
+(`ratio_interval`). Peak memory is each method's whole process high-water mark (VmHWM), measured
+first, in a fresh subprocess per method, because a process's high-water mark only grows.
 
     .venv/bin/python benchmarks/bench_step.py --json reports/bench.json --markdown reports/bench.md
 """
@@ -331,14 +332,16 @@ def ratio_interval(key: str, per_round: list[float], confidence: float = 0.95) -
     """What the rounds say about a ratio: the geometric mean of its per-round values (each round's paired
     times) with a Student-t confidence interval on their logarithms, and, for a key in TARGETS, the
     verdict: `met` when the whole interval is at or under the target, `missed` when it is all above,
-    `undecided` when it straddles it. None below two rounds.
+    `undecided` when it straddles it. None below two rounds or with a ratio that is not a positive number
+    (computed before the results are written: nothing here may lose a run).
 
     The rounds are taken as independent draws. On these machines they drift (a ratio falling or rising
     round by round), which that does not model: read the interval as the spread of this run's rounds, not
     as a bound on what another run gives."""
-    if len(per_round) < 2:
-        return None
     import math
+
+    if len(per_round) < 2 or not all(isinstance(r, (int, float)) and math.isfinite(r) and r > 0 for r in per_round):
+        return None
 
     from scipy import stats
 
@@ -358,7 +361,7 @@ def ratio_interval(key: str, per_round: list[float], confidence: float = 0.95) -
 def interval_line(key: str, interval: dict | None) -> str:
     """One Markdown list item for `ratio_interval`'s result."""
     if interval is None:
-        return f"- `{key}`: one round, no interval"
+        return f"- `{key}`: no interval (fewer than two rounds)"
     line = (f"- `{key}`: geometric mean {interval['geometric_mean']:.3f} over {interval['rounds']} rounds, "
             f"{interval['confidence']:.0%} CI {interval['low']:.3f}-{interval['high']:.3f}")
     return line + (f"; target <= {interval['target']}: **{interval['verdict']}**" if "target" in interval else "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,7 @@ def test_step_benchmark_writes_the_issue_keys(tmp_path, tiny_model_dir):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--base", str(tiny_model_dir), "--batch", "1",
            "--seq", "32",
            "--threads", "1",  # beside the other test worker (tests/run.sh)
-           "--repeats", "1", "--warmup", "0", "--methods", "base", "lora", "fused", "reference",
+           "--repeats", "2", "--warmup", "0", "--methods", "base", "lora", "fused", "reference",
            "--json", str(out), "--markdown", str(tmp_path / "bench.md")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -78,8 +79,13 @@ def test_step_benchmark_writes_the_issue_keys(tmp_path, tiny_model_dir):
     assert results["step_ratio_vs_reference"] == pytest.approx(m["fused"]["median_s"] / m["reference"]["median_s"])
     assert results["step_ratio_vs_base"] == pytest.approx(m["fused"]["median_s"] / m["base"]["median_s"])
     assert results["peak_mem_ratio_vs_lora"] == pytest.approx(m["fused"]["peak_rss_mb"] / m["lora"]["peak_rss_mb"])
-    assert results["round_ratios"]["step_ratio_vs_base"] == [m["fused"]["round_s"][0] / m["base"]["round_s"][0]]
-    assert results["intervals"] == {"step_ratio_vs_base": None, "step_ratio_vs_lora": None}  # one round: none
+    # each round's ratio pairs that round's steps, and the interval is over those rounds
+    for key, other in (("step_ratio_vs_base", "base"), ("step_ratio_vs_lora", "lora")):
+        rounds = [f / o for f, o in zip(m["fused"]["round_s"], m[other]["round_s"], strict=True)]
+        assert len(rounds) == 2 and results["round_ratios"][key] == pytest.approx(rounds)
+        assert results["intervals"][key]["rounds"] == 2 and results["intervals"][key]["target"] in (1.15, 0.8)
+        assert results["intervals"][key]["low"] <= statistics.geometric_mean(rounds) <= results["intervals"][key]["high"]
+    assert "`step_ratio_vs_base`: geometric mean" in (tmp_path / "bench.md").read_text()
     assert results["allocator_tuned"] is sys.platform.startswith("linux")
     assert "| fused |" in (tmp_path / "bench.md").read_text()
 
@@ -208,10 +214,13 @@ def test_decode_benchmark_gathers_experts_below_the_row_limit_and_reports_quotie
     for r in rows:
         assert r["gathered_vs_dense"] == pytest.approx(r["gathered_ms"] / r["dense_ms"]) and r["dense_ms"] > 0
         assert r["gathered_vs_base"] == pytest.approx(r["gathered_ms"] / r["base_ms"]) and r["same_tokens"]
-        # the interval is over the same rounds the per-round ratios list
-        per_round = r["gathered_vs_dense_per_round"]
-        assert len(per_round) == 3 and r["intervals"]["gathered_vs_dense"] == bench_step.ratio_interval(
-            "gathered_vs_dense", per_round)
+        # each round's ratio pairs that round's times, and the interval is over those rounds
+        t = r["round_ms"]
+        per_round = [g / d for g, d in zip(t["gathered"], t["dense"], strict=True)]
+        assert len(per_round) == 3 and r["gathered_vs_dense_per_round"] == pytest.approx(per_round)
+        assert r["dense_vs_base_per_round"] == pytest.approx([d / b for d, b in zip(t["dense"], t["base"])])
+        assert r["intervals"]["gathered_vs_dense"] == pytest.approx(bench_step.ratio_interval("gathered_vs_dense",
+                                                                                                per_round))
     assert json.loads(out.read_text())["rows"] == rows
 
 
@@ -225,7 +234,7 @@ def test_inference_benchmark_reports_the_eval_and_generation_ratios(tmp_path, ti
     out, profiles = tmp_path / "inference.json", tmp_path / "profiles"
     results = bench_inference.main([
         "--base", str(tiny_model_dir), "--dtype", "fp32", "--experts", "4", "--rank", "4", "--tasks", "arc_easy",
-        "boolq", "--limit", "4", "--eval-batch", "4", "--gen-batch", "2", "--new-tokens", "3", "--repeats", "1",
+        "boolq", "--limit", "4", "--eval-batch", "4", "--gen-batch", "2", "--new-tokens", "3", "--repeats", "2",
         "--threads", "1", "--malloc", "default", "--data-dir", str(data_dir), "--json", str(out),
         "--profile", str(profiles)])
     m = results["models"]
@@ -233,7 +242,14 @@ def test_inference_benchmark_reports_the_eval_and_generation_ratios(tmp_path, ti
     assert results["mixlora_vs_base_eval_time"] == pytest.approx(m["mixlora"]["eval_s"] / m["base"]["eval_s"])
     assert results["mixlora_vs_base_generate_time"] == pytest.approx(m["mixlora"]["generate_s"] / m["base"]["generate_s"])
     assert results["merged_same_label_token_acc"] and results["merged_same_generations"]
-    assert results["intervals"] == {"mixlora_vs_base_eval_time": None, "mixlora_vs_base_generate_time": None}
+    # the order flips every round (warm-up first), and each round's ratio pairs that round's times
+    order = ["base", "mixlora", "merged"]
+    assert results["round_orders"] == [order, order[::-1], order]
+    rounds = results["rounds"]
+    for work in ("eval", "generate"):
+        per_round = [a / b for a, b in zip(rounds[f"mixlora_{work}_s"], rounds[f"base_{work}_s"], strict=True)]
+        assert len(per_round) == 2 and rounds[f"mixlora_vs_base_{work}_time"] == pytest.approx(per_round)
+        assert results["intervals"][f"mixlora_vs_base_{work}_time"]["rounds"] == 2
     for name in ("base", "mixlora"):
         assert "aten::mm" in (profiles / f"generate_{name}.txt").read_text()
     assert json.loads(out.read_text())["mixlora_vs_base_generate_time"] == results["mixlora_vs_base_generate_time"]
@@ -242,7 +258,7 @@ def test_inference_benchmark_reports_the_eval_and_generation_ratios(tmp_path, ti
 def test_ratio_intervals_cover_the_true_ratio_at_their_level_and_give_the_target_verdicts():
     """benchmarks/bench_step.py's `ratio_interval` (used by every benchmark with rounds): over log-normal rounds
     with a known geometric mean, its 95% intervals contain that mean in about 95% of runs with three rounds
-    (a normal quantile instead of Student's t would cover about 80%), agree with scipy's one-sample t-test
+    (a normal quantile instead of Student's t would cover about 81%), agree with scipy's one-sample t-test
     interval on the logs, and a target's verdict is `met` / `missed` only when the whole interval is on one side."""
     import math
 
@@ -270,3 +286,4 @@ def test_ratio_intervals_cover_the_true_ratio_at_their_level_and_give_the_target
     assert bench_step.ratio_interval("step_ratio_vs_base", [1.6, 1.7, 1.65])["verdict"] == "missed"
     assert "verdict" not in bench_step.ratio_interval("gathered_vs_dense", [0.9, 1.0])
     assert bench_step.ratio_interval("step_ratio_vs_base", [1.6]) is None
+    assert bench_step.ratio_interval("step_ratio_vs_base", [1.6, 0.0]) is None  # no log: no interval, no crash
