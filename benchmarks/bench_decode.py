@@ -37,7 +37,7 @@ import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_inference import mixlora_with_random_b  # noqa: E402
-from bench_step import apply_malloc_setting, emit, interval_line, ratio_interval  # noqa: E402
+from bench_step import apply_malloc_setting, emit, interval_lines, ratio_intervals  # noqa: E402
 
 MODELS = ("base", "gathered", "dense")
 
@@ -154,8 +154,9 @@ def main(argv=None) -> dict:
             row.update({"against_ms": med[name] * 1e3, "dense_vs_against": med["dense"] / med[name],
                         "dense_vs_against_per_round": [a / b for a, b in zip(times["dense"], times[name])],
                         "same_tokens_against": bool(torch.equal(tokens["dense"], tokens[name]))})
-        row["intervals"] = {key: ratio_interval(key, row[f"{key}_per_round"])
-                            for key in ("gathered_vs_dense", "dense_vs_base", "dense_vs_against") if f"{key}_per_round" in row}
+        row["intervals"] = ratio_intervals({key: row[f"{key}_per_round"] for key in
+                                            ("gathered_vs_dense", "dense_vs_base", "dense_vs_against")
+                                            if f"{key}_per_round" in row})
         rows.append(row)
         print(f"batch {batch} ({row['gathered_variant_path']}): base {row['base_ms']:.1f} ms/step, gathered "
               f"{row['gathered_ms']:.1f}, dense {row['dense_ms']:.1f}; gathered / dense "
@@ -187,8 +188,7 @@ def markdown(results: dict) -> str:
                   + ", ".join(f"{v:.3f}" for v in r["dense_vs_against_per_round"])
                   + f"); same tokens: {r['same_tokens_against']}" for r in results["rows"]]
     for r in results["rows"]:
-        lines += [interval_line(key, iv).replace("- `", f"- batch {r['batch']}: `", 1)
-                  for key, iv in r.get("intervals", {}).items()]
+        lines += interval_lines(r.get("intervals", {}), prefix=f"batch {r['batch']}: ")
     return "\n".join(lines)
 
 

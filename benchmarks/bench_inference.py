@@ -22,7 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_step import apply_malloc_setting, emit, interval_line, ratio_interval, write_profile  # noqa: E402
+from bench_step import apply_malloc_setting, emit, interval_lines, ratio_intervals, write_profile  # noqa: E402
 
 MODELS = ("base", "mixlora", "merged")
 
@@ -142,8 +142,8 @@ def main(argv=None) -> dict:
                                                                             times[("base", "eval")])]
     results["rounds"]["mixlora_vs_base_generate_time"] = [a / b for a, b in zip(times[("mixlora", "generate")],
                                                                                 times[("base", "generate")])]
-    results["intervals"] = {key: ratio_interval(key, results["rounds"][key])
-                            for key in ("mixlora_vs_base_eval_time", "mixlora_vs_base_generate_time")}
+    results["intervals"] = ratio_intervals({key: results["rounds"][key] for key in
+                                            ("mixlora_vs_base_eval_time", "mixlora_vs_base_generate_time")})
     m = results["models"]
     results["merged_vs_unmerged_eval_time"] = m["merged"]["eval_s"] / m["mixlora"]["eval_s"]
     results["merged_vs_unmerged_generate_time"] = m["merged"]["generate_s"] / m["mixlora"]["generate_s"]
@@ -184,7 +184,7 @@ def markdown(results: dict) -> str:
                   f"{v:.3f}" for v in results["rounds"]["mixlora_vs_base_generate_time"]),
               f"- merged and unmerged give the same generations: {results['merged_same_generations']}; "
               f"the same label-token accuracies: {results['merged_same_label_token_acc']}"]
-    lines += [interval_line(key, iv) for key, iv in results.get("intervals", {}).items()]
+    lines += interval_lines(results.get("intervals", {}))
     return "\n".join(lines)
 
 

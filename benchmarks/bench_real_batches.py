@@ -37,7 +37,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import apply_malloc_setting, emit, interval_line, ratio_interval, write_profile  # noqa: E402
+from bench_step import apply_malloc_setting, emit, interval_lines, ratio_intervals, write_profile  # noqa: E402
 from mixlora_lit.runs import cpu_model  # noqa: E402
 
 METHODS = ("base", "fused", "lora")
@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
         results[key] = ratio(a, b)
         if a in totals and b in totals:  # the same ratio in each round, for the spread
             results["round_ratios"][key] = [x / y for x, y in zip(totals[a], totals[b])]
-    results["intervals"] = {key: ratio_interval(key, r) for key, r in results["round_ratios"].items()}
+    results["intervals"] = ratio_intervals(results["round_ratios"])
     for other in ("base", "lora"):
         r = batch_ratios("fused", other)
         results[f"per_batch_ratio_vs_{other}"] = ({"median": statistics.median(r), "min": min(r), "max": max(r)}
@@ -291,7 +291,7 @@ def markdown(results: dict) -> str:
         r = results.get(f"per_batch_ratio_vs_{other}")
         if r:
             lines.append(f"- fused / {other}, per batch: median {r['median']:.3f} (min {r['min']:.3f}, max {r['max']:.3f})")
-    lines += [interval_line(key, iv) for key, iv in results.get("intervals", {}).items()]
+    lines += interval_lines(results.get("intervals", {}))
     return "\n".join(lines)
 
 

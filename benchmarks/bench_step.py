@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -262,7 +263,7 @@ def main(argv=None) -> dict:
     pairs = {"step_ratio_vs_base": ("fused", "base"), "step_ratio_vs_lora": ("fused", "lora")}
     results["round_ratios"] = {key: [x / y for x, y in zip(m[a]["round_s"], m[b]["round_s"])]
                                for key, (a, b) in pairs.items() if a in m and b in m}
-    results["intervals"] = {key: ratio_interval(key, r) for key, r in results["round_ratios"].items()}
+    results["intervals"] = ratio_intervals(results["round_ratios"])
     results["step_ratio_vs_lora"] = ratio("fused", "lora")
     results["step_ratio_vs_reference"] = ratio("fused", "reference")
     results["step_ratio_vs_base"] = ratio("fused", "base")
@@ -338,8 +339,6 @@ def ratio_interval(key: str, per_round: list[float], confidence: float = 0.95) -
     The rounds are taken as independent draws. On these machines they drift (a ratio falling or rising
     round by round), which that does not model: read the interval as the spread of this run's rounds, not
     as a bound on what another run gives."""
-    import math
-
     if len(per_round) < 2 or not all(isinstance(r, (int, float)) and math.isfinite(r) and r > 0 for r in per_round):
         return None
 
@@ -358,13 +357,22 @@ def ratio_interval(key: str, per_round: list[float], confidence: float = 0.95) -
     return out
 
 
-def interval_line(key: str, interval: dict | None) -> str:
-    """One Markdown list item for `ratio_interval`'s result."""
-    if interval is None:
-        return f"- `{key}`: no interval (fewer than two rounds)"
-    line = (f"- `{key}`: geometric mean {interval['geometric_mean']:.3f} over {interval['rounds']} rounds, "
-            f"{interval['confidence']:.0%} CI {interval['low']:.3f}-{interval['high']:.3f}")
-    return line + (f"; target <= {interval['target']}: **{interval['verdict']}**" if "target" in interval else "")
+def ratio_intervals(per_round: dict[str, list[float]]) -> dict[str, dict | None]:
+    """`ratio_interval` of each key's per-round ratios."""
+    return {key: ratio_interval(key, ratios) for key, ratios in per_round.items()}
+
+
+def interval_lines(intervals: dict[str, dict | None], prefix: str = "") -> list[str]:
+    """One Markdown list item per `ratio_intervals` entry, each starting with `prefix`."""
+    lines = []
+    for key, iv in intervals.items():
+        if iv is None:
+            lines.append(f"- {prefix}`{key}`: no interval (fewer than two rounds)")
+            continue
+        line = (f"- {prefix}`{key}`: geometric mean {iv['geometric_mean']:.3f} over {iv['rounds']} rounds, "
+                f"{iv['confidence']:.0%} CI {iv['low']:.3f}-{iv['high']:.3f}")
+        lines.append(line + (f"; target <= {iv['target']}: **{iv['verdict']}**" if "target" in iv else ""))
+    return lines
 
 
 def write_outputs(results: dict, table: str, json_path: str | None, markdown_path: str | None) -> None:
@@ -398,7 +406,7 @@ def markdown(results: dict) -> str:
                 "compiled_step_ratio_vs_fused", "grouped_step_ratio_vs_fused"):
         value = results.get(key)
         lines.append(f"- `{key}`: {value:.3f}" if value is not None else f"- `{key}`: n/a")
-    lines += [interval_line(key, iv) for key, iv in results.get("intervals", {}).items()]
+    lines += interval_lines(results.get("intervals", {}))
     return "\n".join(lines)
 
 
