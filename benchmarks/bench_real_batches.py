@@ -203,10 +203,15 @@ def main(argv=None) -> dict:
     # Per method, the time of each timed batch in each round; the total over batches per round.
     totals: dict[str, list[float]] = {m: [] for m in args.methods}
     per_batch: dict[str, list[float]] = {m: [] for m in args.methods}
+    batch_orders = []  # the methods' order on each timed batch, pass after pass
     for round_ in range(args.rounds):
         round_time = {m: 0.0 for m in args.methods}
-        for batch in timed:
-            for method in args.methods:
+        for i, batch in enumerate(timed):
+            # The order flips from batch to batch (and from pass to pass on the same batch), so drift
+            # within a batch's turn does not always favour the same methods.
+            order = list(args.methods) if (i + round_) % 2 == 0 else list(reversed(args.methods))
+            batch_orders.append(order)
+            for method in order:
                 start = time.perf_counter()
                 steps[method](batch)
                 elapsed = time.perf_counter() - start
@@ -220,7 +225,7 @@ def main(argv=None) -> dict:
                "base": model_section.get("base", "smollm2-135m"), "dtype": model_section["base_dtype"],
                "cpu": cpu_model(), "torch": torch.__version__, "allocator_tuned": allocator_tuned, "lora_rank": rank,
                "batch_shapes": shapes, "real_tokens_per_pass": real_tokens, "padded_tokens_per_pass": padded_tokens,
-               "methods": {}}
+               "batch_orders": batch_orders, "methods": {}}
     for method in args.methods:
         median = statistics.median(totals[method])
         results["methods"][method] = {

@@ -236,8 +236,12 @@ def main(argv=None) -> dict:
     for method in args.methods:
         _, steps[method] = build(method, args)
     times: dict[str, list[float]] = {m: [] for m in args.methods}
+    round_orders = []  # the methods' order in each round, warm-up rounds first
     for round_ in range(args.warmup + args.repeats):
-        for method in args.methods:
+        # The order flips every round, so drift within a round does not always favour the same methods.
+        order = list(args.methods) if round_ % 2 == 0 else list(reversed(args.methods))
+        round_orders.append(order)
+        for method in order:
             start = time.perf_counter()
             steps[method](ids)
             if round_ >= args.warmup:
@@ -246,7 +250,8 @@ def main(argv=None) -> dict:
               + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in args.methods if times[m]), flush=True)
     tokens = args.batch * args.seq
     results = {"settings": {k: v for k, v in vars(args).items() if k not in ("memory_of", "json", "markdown")},
-               "torch": torch.__version__, "allocator_tuned": allocator_tuned, "methods": {}}
+               "torch": torch.__version__, "allocator_tuned": allocator_tuned, "round_orders": round_orders,
+               "methods": {}}
     for method in args.methods:
         t = times[method]
         results["methods"][method] = {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),

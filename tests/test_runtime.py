@@ -86,6 +86,9 @@ def test_step_benchmark_writes_the_issue_keys(tmp_path, tiny_model_dir):
         assert results["intervals"][key]["rounds"] == 2 and results["intervals"][key]["target"] in (1.15, 0.8)
         assert results["intervals"][key]["low"] <= statistics.geometric_mean(rounds) <= results["intervals"][key]["high"]
     assert "`step_ratio_vs_base`: geometric mean" in (tmp_path / "bench.md").read_text()
+    # the methods' order flips every round
+    methods = ["base", "lora", "fused", "reference"]
+    assert results["round_orders"] == [methods, methods[::-1]]
     assert results["allocator_tuned"] is sys.platform.startswith("linux")
     assert "| fused |" in (tmp_path / "bench.md").read_text()
 
@@ -122,7 +125,7 @@ def test_real_batch_benchmark_times_the_data_modules_batches(tmp_path, tiny_mode
     data_dir, _ = prepared_data
     out = tmp_path / "real.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_real_batches.py"), "--base", str(tiny_model_dir),
-           "--data-dir", str(data_dir), "--batches", "2", "--warmup", "1", "--rounds", "1", "--threads", "1",
+           "--data-dir", str(data_dir), "--batches", "2", "--warmup", "1", "--rounds", "2", "--threads", "1",
            "--methods", "base", "fused", "lora", "ideal", "--json", str(out), "--markdown", str(tmp_path / "real.md")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -132,7 +135,12 @@ def test_real_batch_benchmark_times_the_data_modules_batches(tmp_path, tiny_mode
     assert results["fused_ratio_vs_ideal"] == pytest.approx(m["fused"]["pass_median_s"] / m["ideal"]["pass_median_s"])
     assert results["real_batch_ratio_vs_base"] == pytest.approx(m["fused"]["pass_median_s"] / m["base"]["pass_median_s"])
     assert results["real_batch_ratio_vs_lora"] == pytest.approx(m["fused"]["pass_median_s"] / m["lora"]["pass_median_s"])
-    assert set(results["intervals"]) == set(results["round_ratios"]) and results["intervals"]["real_batch_ratio_vs_base"] is None
+    assert set(results["intervals"]) == set(results["round_ratios"])
+    assert len(results["round_ratios"]["real_batch_ratio_vs_base"]) == 2  # one ratio per pass
+    assert results["intervals"]["real_batch_ratio_vs_base"]["rounds"] == 2
+    # the methods' order flips from batch to batch and, on the same batch, from pass to pass
+    methods = ["base", "fused", "lora", "ideal"]
+    assert results["batch_orders"] == [methods, methods[::-1], methods[::-1], methods]
     config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     dm = MultiTaskDataModule(**{**config["data"], "data_dir": str(data_dir)})
     dm.setup("fit")
