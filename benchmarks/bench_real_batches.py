@@ -273,8 +273,10 @@ def markdown(results: dict) -> str:
     lines = [f"{results['base']} ({results.get('dtype', 'bf16')}, {results.get('cpu', 'CPU not recorded')}), training batches of {os.path.relpath(s['config'], REPO)}: {len(results['batch_shapes'])} "
              f"batches, {results['real_tokens_per_pass']} real tokens in {results['padded_tokens_per_pass']} "
              f"positions per pass, shapes {sorted(set(results['batch_shapes']))}; training loss at supervised "
-             f"positions; {s['threads']} threads; median of {s['rounds']} interleaved passes after {s['warmup']} "
-             f"warm-up batches; "
+             f"positions; {s['threads']} threads; median of {s['rounds']} interleaved passes"
+             + (" (order flipping from batch to batch)" if len({tuple(o) for o in results.get("batch_orders", [])}) > 1
+                else "")
+             + f" after {s['warmup']} warm-up batches; "
              + (f"LoRA r={results['lora_rank']} (matched); " if results.get("lora_rank") else "")
              + f"allocator {'tuned' if results.get('allocator_tuned') else 'glibc default'}; torch {results['torch']}"
              + (f"; adapter overrides {' '.join(s['adapter'])}" if s.get("adapter") else ""), "",

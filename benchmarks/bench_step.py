@@ -394,6 +394,7 @@ def markdown(results: dict) -> str:
     lines = [f"{s['base']}, {s['dtype']}, batch {s['batch']} x {s['seq']}, {s['threads']} threads, "
              f"MixLoRA {s['experts']} experts top-{s['top_k']} r={s['rank']}, LoRA r={s['lora_rank']}, "
              f"median of {s['repeats']} interleaved steps (forward + backward)"
+             + (", order flipping every round" if len({tuple(o) for o in results.get("round_orders", [])}) > 1 else "")
              + (f", MixLoRA targets {' '.join(s['targets'])}" if s.get("targets") else "")
              + f", allocator {'tuned' if results.get('allocator_tuned') else 'glibc default'}", "",
              "| method | step (s) | min-max (s) | tokens/s | peak RSS (MB) | fused / this |",
