@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .base_models import fold_lm_head_inputs
 from .config import ALL_TARGETS, MixLoraConfig
 from .model import decoder_layers
 
@@ -65,4 +66,4 @@ def get_lora_model(base_model: nn.Module, r: int, lora_alpha: float, lora_dropou
 
     config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(target_modules),
                         use_dora=use_dora, use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(base_model, config)
+    return get_peft_model(fold_lm_head_inputs(base_model), config)  # as MixLoRA's (get_mixlora_model)

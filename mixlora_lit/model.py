@@ -17,6 +17,7 @@ from torch import nn
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from . import adapter_io
+from .base_models import fold_lm_head_inputs
 from .config import FFN_TARGETS, MixLoraConfig
 from .lora import LoraLinear
 from .losses import load_balance_loss, router_z_loss
@@ -91,6 +92,7 @@ def get_mixlora_model(base_model: nn.Module, config: MixLoraConfig,
         config.base_model_name_or_path = getattr(base_model.config, "_name_or_path", None) or None
     for param in base_model.parameters():
         param.requires_grad_(False)
+    fold_lm_head_inputs(base_model)  # a frozen head would copy its weight in generation's first step
     for layer in layers:
         attn = layer.self_attn
         for name in config.attention_targets:

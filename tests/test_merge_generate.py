@@ -75,3 +75,76 @@ def test_generate_uses_the_mixlora_layers_and_matches_merged_model(monkeypatch):
     out2 = merged.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
                            do_sample=False, pad_token_id=0)
     assert torch.equal(out, out2)
+
+
+class _Recorder:
+    """Every ATen call under it: (name, numel of each tensor it returns)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        calls = self.calls = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                calls.append((str(func), [t.numel() for t in outs if isinstance(t, torch.Tensor)]))
+                return out
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+    def largest(self) -> int:
+        return max((n for _, sizes in self.calls for n in sizes), default=0)
+
+
+def test_a_frozen_lm_head_is_not_copied_in_generations_first_step(tiny_model_dir):
+    """Generation's first step projects a strided [B, 1, H] view (`logits_to_keep=1`). torch's matmul then
+    expands a frozen head's [V, H] weight to [B, H, V] and copies it for a batched matmul (the oracle
+    below: a plain frozen Llama); the models this library builds (MixLoRA, PEFT LoRA, a loaded base) hook
+    the head to take a contiguous input instead: one `mm`, no tensor of the expanded weight's size, the
+    same logits and the same generations."""
+    from mixlora_lit.base_models import fold_lm_head_inputs, load_base_model
+    from mixlora_lit.baselines import get_lora_model
+
+    plain = tiny_llama(vocab_size=97)
+    plain.requires_grad_(False)
+    h = torch.randn(3, 5, 32, dtype=torch.float64)[:, -1:, :]
+    assert not h.is_contiguous()
+    expanded = 3 * 32 * 97
+    with _Recorder() as rec, torch.no_grad():
+        expected = plain.lm_head(h)
+    assert "aten.bmm.default" in [c for c, _ in rec.calls] and rec.largest() >= expanded  # torch's own path
+
+    lora = get_lora_model(tiny_llama(vocab_size=97), 4, 8, 0.0)
+    hooked = fold_lm_head_inputs(fold_lm_head_inputs(tiny_llama(vocab_size=97)))  # idempotent
+    assert len(hooked.lm_head._forward_pre_hooks) == 1
+    for model in (_model(), lora, hooked):
+        head = model.get_output_embeddings() if model is not lora else lora.base_model.model.lm_head
+        assert not any(p.requires_grad for p in head.parameters()) or model is hooked
+        head.requires_grad_(False)
+        with _Recorder() as rec, torch.no_grad():
+            got = head(h)
+        assert "aten.bmm.default" not in [c for c, _ in rec.calls] and rec.largest() < expanded
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+    # end to end on a loaded base (frozen, as under an adapter): the same tokens with and without the hook
+    base, tok = load_base_model(str(tiny_model_dir), dtype="float32")
+    base.requires_grad_(False)
+    enc = tok(["the cat sat on", "a b"], return_tensors="pt", padding=True, padding_side="left")
+    vocab, hidden = base.config.vocab_size, base.config.hidden_size
+    with _Recorder() as rec, torch.no_grad():
+        tokens = base.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert rec.largest() < 2 * hidden * vocab
+    base.get_output_embeddings()._forward_pre_hooks.clear()
+    with _Recorder() as rec, torch.no_grad():
+        unhooked = base.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert rec.largest() >= 2 * hidden * vocab  # the copy the hook avoids
+    assert torch.equal(tokens, unhooked)
