@@ -238,8 +238,9 @@ def main(argv=None) -> dict:
     times: dict[str, list[float]] = {m: [] for m in args.methods}
     round_orders = []  # the methods' order in each round, warm-up rounds first
     for round_ in range(args.warmup + args.repeats):
-        # The order flips every round, so drift within a round does not always favour the same methods.
-        order = list(args.methods) if round_ % 2 == 0 else list(reversed(args.methods))
+        # The order flips every round, so drift within a round does not always favour the same methods;
+        # the first timed round runs them in the given order.
+        order = list(args.methods) if (round_ - args.warmup) % 2 == 0 else list(reversed(args.methods))
         round_orders.append(order)
         for method in order:
             start = time.perf_counter()
