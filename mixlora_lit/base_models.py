@@ -227,7 +227,7 @@ def fold_lm_head_inputs(model: torch.nn.Module) -> torch.nn.Module:
     view of the hidden states. For such an input `torch.matmul` folds the batch into one `mm` only when
     the head's weight requires grad; for a frozen head (any adapter's base) it runs a batched matmul
     against the weight expanded to [B, H, V] and copied: 226 MB per prompt batch of 4 for SmolLM2 in bf16
-    (130-145 ms of a 2.9 s `generate()` here, `benchmarks/README.md`). A contiguous copy of the input
+    (130-145 ms of a profiled 2.8 s `generate()` here, `benchmarks/README.md`). A contiguous copy of the input
     costs B x H elements and gives the same `mm` as a trainable head.
     """
     get_head = getattr(model, "get_output_embeddings", None)
