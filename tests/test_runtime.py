@@ -295,3 +295,22 @@ def test_ratio_intervals_cover_the_true_ratio_at_their_level_and_give_the_target
     assert "verdict" not in bench_step.ratio_interval("gathered_vs_dense", [0.9, 1.0])
     assert bench_step.ratio_interval("step_ratio_vs_base", [1.6]) is None
     assert bench_step.ratio_interval("step_ratio_vs_base", [1.6, 0.0]) is None  # no log: no interval, no crash
+
+
+def test_lm_head_benchmark_times_the_hooked_and_unhooked_head(tmp_path):
+    """benchmarks/bench_lm_head.py (tiny head): one row per dtype and batch, ratios that are the quotients of
+    the medians it reports, per-round ratios with their interval, and the two heads' logits agreeing."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_lm_head
+
+    out = tmp_path / "head.json"
+    r = bench_lm_head.main(["--hidden", "16", "--vocab", "64", "--prompt", "5", "--batch", "1", "3", "--rounds", "3",
+                            "--dtypes", "float64", "--threads", "1", "--json", str(out), "--markdown", str(tmp_path / "head.md")])
+    assert [(row["dtype"], row["batch"]) for row in r["rows"]] == [("float64", 1), ("float64", 3)]
+    for row in r["rows"]:
+        assert row["contiguous_vs_strided"] == pytest.approx(row["contiguous_ms"] / row["strided_ms"])
+        assert len(row["contiguous_vs_strided_per_round"]) == 3
+        assert row["intervals"]["contiguous_vs_strided"]["rounds"] == 3
+        assert row["max_abs_logit_diff"] < 1e-12  # fp64: the hooked head computes the same logits
+    assert json.loads(out.read_text())["rows"][1]["batch"] == 3
+    assert "| float64 | 3 |" in (tmp_path / "head.md").read_text()
