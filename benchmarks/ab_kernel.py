@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_real_batches import REPO, build, load_sections, training_batches  # noqa: E402
-from bench_step import apply_malloc_setting  # noqa: E402
+from bench_step import apply_malloc_setting, turn_order  # noqa: E402
 
 
 def kernel_at(commit: str):
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
             run(name, batch)
     totals: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
-        order = list(variants) if round_ % 2 == 0 else list(reversed(variants))
+        order = turn_order(variants, round_)
         passed = dict.fromkeys(variants, 0.0)
         for batch in batches[args.warmup:]:
             for name in order:

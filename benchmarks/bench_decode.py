@@ -37,7 +37,7 @@ import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_inference import mixlora_with_random_b  # noqa: E402
-from bench_step import apply_malloc_setting, emit, interval_lines, ratio_intervals  # noqa: E402
+from bench_step import apply_malloc_setting, emit, interval_lines, ratio_intervals, turn_order  # noqa: E402
 
 MODELS = ("base", "gathered", "dense")
 
@@ -132,7 +132,7 @@ def main(argv=None) -> dict:
         for name in models:  # warm-up: caches built, allocator settled
             tokens[name] = run(name, ids, 4)[1]
         for round_ in range(args.rounds):
-            for name in models if round_ % 2 == 0 else models[::-1]:  # the order flips every round
+            for name in turn_order(models, round_):  # the order flips every round
                 seconds, tokens[name] = run(name, ids, args.steps)
                 times[name].append(seconds)
         paths = {}

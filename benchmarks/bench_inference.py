@@ -22,7 +22,8 @@ import sys
 import time
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_step import apply_malloc_setting, emit, interval_lines, ratio_intervals, write_profile  # noqa: E402
+from bench_step import (apply_malloc_setting, emit, flips, interval_lines, ratio_intervals, turn_order,  # noqa: E402
+                        write_profile)
 
 MODELS = ("base", "mixlora", "merged")
 
@@ -107,7 +108,7 @@ def main(argv=None) -> dict:
     round_orders = []  # the models' order in each round, the warm-up round first
     with torch.no_grad():
         for round_ in range(args.repeats + 1):  # round 0 warms up
-            order = MODELS if round_ % 2 == 0 else MODELS[::-1]  # the order flips every round
+            order = turn_order(MODELS, round_)  # the order flips every round
             round_orders.append(list(order))
             for name in order:
                 model = models[name]
@@ -168,7 +169,7 @@ def markdown(results: dict) -> str:
              f"r={s['rank']}; eval: label-token accuracy over {results['eval_examples']} test examples "
              f"({s['limit']} per task, batch {s['eval_batch']}); generate: {s['gen_batch']} prompts x "
              f"{s['new_tokens']} new tokens, greedy; median of {s['repeats']} interleaved rounds"
-             + (" (order flipping)" if len({tuple(o) for o in results.get("round_orders", [])}) > 1 else ""), "",
+             + (" (order flipping)" if flips(results.get("round_orders", [])) else ""), "",
              "| model | eval (s) | eval examples/s | generate (s) | new tokens/s |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for name, r in results["models"].items():

@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import emit, interval_lines, ratio_intervals  # noqa: E402
+from bench_step import emit, interval_lines, ratio_intervals, turn_order  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
             with torch.no_grad():
                 diff = (plain(x).double() - hooked(x).double()).abs().max().item()  # also the warm-up
                 for round_ in range(args.rounds):
-                    for name in (("strided", "contiguous") if round_ % 2 == 0 else ("contiguous", "strided")):
+                    for name in turn_order(heads, round_):
                         start = time.perf_counter()
                         heads[name](x)
                         times[name].append(time.perf_counter() - start)

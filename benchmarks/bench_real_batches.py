@@ -37,7 +37,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import apply_malloc_setting, emit, interval_lines, ratio_intervals, write_profile  # noqa: E402
+from bench_step import (apply_malloc_setting, emit, flips, interval_lines, ratio_intervals, turn_order,  # noqa: E402
+                        write_profile)
 from mixlora_lit.runs import cpu_model  # noqa: E402
 
 METHODS = ("base", "fused", "lora")
@@ -207,9 +208,7 @@ def main(argv=None) -> dict:
     for round_ in range(args.rounds):
         round_time = {m: 0.0 for m in args.methods}
         for i, batch in enumerate(timed):
-            # The order flips from batch to batch (and from pass to pass on the same batch), so drift
-            # within a batch's turn does not always favour the same methods.
-            order = list(args.methods) if (i + round_) % 2 == 0 else list(reversed(args.methods))
+            order = turn_order(args.methods, i + round_)  # flips from batch to batch and, per batch, pass to pass
             batch_orders.append(order)
             for method in order:
                 start = time.perf_counter()
@@ -274,8 +273,7 @@ def markdown(results: dict) -> str:
              f"batches, {results['real_tokens_per_pass']} real tokens in {results['padded_tokens_per_pass']} "
              f"positions per pass, shapes {sorted(set(results['batch_shapes']))}; training loss at supervised "
              f"positions; {s['threads']} threads; median of {s['rounds']} interleaved passes"
-             + (" (order flipping from batch to batch)" if len({tuple(o) for o in results.get("batch_orders", [])}) > 1
-                else "")
+             + (" (order flipping from batch to batch)" if flips(results.get("batch_orders", [])) else "")
              + f" after {s['warmup']} warm-up batches; "
              + (f"LoRA r={results['lora_rank']} (matched); " if results.get("lora_rank") else "")
              + f"allocator {'tuned' if results.get('allocator_tuned') else 'glibc default'}; torch {results['torch']}"

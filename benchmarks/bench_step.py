@@ -238,9 +238,7 @@ def main(argv=None) -> dict:
     times: dict[str, list[float]] = {m: [] for m in args.methods}
     round_orders = []  # the methods' order in each round, warm-up rounds first
     for round_ in range(args.warmup + args.repeats):
-        # The order flips every round, so drift within a round does not always favour the same methods;
-        # the first timed round runs them in the given order.
-        order = list(args.methods) if (round_ - args.warmup) % 2 == 0 else list(reversed(args.methods))
+        order = turn_order(args.methods, round_ - args.warmup)  # the first timed round: as given
         round_orders.append(order)
         for method in order:
             start = time.perf_counter()
@@ -368,6 +366,17 @@ def ratio_intervals(per_round: dict[str, list[float]]) -> dict[str, dict | None]
     return {key: ratio_interval(key, ratios) for key, ratios in per_round.items()}
 
 
+def turn_order(items, turn: int) -> list:
+    """The order to run `items` in on turn `turn`: as given on even turns, reversed on odd ones, so that drift
+    within a turn does not always favour the items that run first."""
+    return list(items) if turn % 2 == 0 else list(reversed(items))
+
+
+def flips(orders: list) -> bool:
+    """Whether a run's recorded orders differ (the order flipped), for the Markdown headers."""
+    return len({tuple(o) for o in orders}) > 1
+
+
 def interval_lines(intervals: dict[str, dict | None], prefix: str = "") -> list[str]:
     """One Markdown list item per `ratio_intervals` entry, each starting with `prefix`."""
     lines = []
@@ -395,7 +404,7 @@ def markdown(results: dict) -> str:
     lines = [f"{s['base']}, {s['dtype']}, batch {s['batch']} x {s['seq']}, {s['threads']} threads, "
              f"MixLoRA {s['experts']} experts top-{s['top_k']} r={s['rank']}, LoRA r={s['lora_rank']}, "
              f"median of {s['repeats']} interleaved steps (forward + backward)"
-             + (", order flipping every round" if len({tuple(o) for o in results.get("round_orders", [])}) > 1 else "")
+             + (", order flipping every round" if flips(results.get("round_orders", [])) else "")
              + (f", MixLoRA targets {' '.join(s['targets'])}" if s.get("targets") else "")
              + f", allocator {'tuned' if results.get('allocator_tuned') else 'glibc default'}", "",
              "| method | step (s) | min-max (s) | tokens/s | peak RSS (MB) | fused / this |",
