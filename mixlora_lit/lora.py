@@ -11,6 +11,7 @@ LoRA branch runs in the adapter dtype and its output is cast back, as PEFT does.
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -96,21 +97,31 @@ def _watch_optimizer_steps() -> None:
         _optimizer_step_hook = register_optimizer_step_post_hook(_count_optimizer_updates)
 
 
-def weight_cache(owner: nn.Module, attr: str, params: tuple[torch.Tensor, ...] | list[torch.Tensor],
-                 dtype: object, build):
-    """`build()`, remembered on `owner` until any of `params` changes (an optimizer step, a load,
-    a move) or `dtype` differs (a dtype, or any comparable key of what else `build` depends on).
-    For forwards without autograd (evaluation, generation), where the casts and concatenations of
-    small adapter weights would otherwise repeat at every call. A change is what bumps a tensor's
-    version counter, as every in-place operation does (see `_count_optimizer_updates` for the exception)."""
-    key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+def weight_cache(owner: nn.Module, attr: str, linears: Callable[[], Iterable[nn.Module]], dtype: object,
+                 build: Callable[[], Any]):
+    """`build()`, remembered on `owner` until the `weight` of any of the modules `linears()` names changes
+    (an optimizer step, a load, a move) or `dtype` differs (a dtype, or any comparable key of what else
+    `build` depends on). For forwards without autograd (evaluation, generation), where the casts and
+    concatenations of small adapter weights would otherwise repeat at every call. A change is what bumps
+    a tensor's version counter, as every in-place operation does (see `_count_optimizer_updates` for the
+    exception), or a new tensor in the module's place (`load_state_dict(assign=True)`, `.to()`).
+
+    Checked at every call, so the check is kept cheap: a decoding step checks about 1,700 weights
+    (SmolLM2, MixLoRA on every projection), and walking the modules for them each time cost about a
+    tenth of the step. `linears()` is called once per owner and `attr`; their parameter dicts are
+    remembered and each weight is read from its dict at each check, so a replaced Parameter is seen. A
+    module replaced by another after that first call is not: the adapters' modules are fixed when the
+    model is built."""
     cached = owner.__dict__.get(attr)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    slots = cached[0] if cached is not None else [m._parameters for m in linears()]
+    weights = [slot["weight"] for slot in slots]
+    key = (dtype, [w.data_ptr() for w in weights], [w._version for w in weights])
+    if cached is not None and cached[1] == key:
+        return cached[2]
     _watch_optimizer_steps()
     with torch.no_grad():
         value = build()
-    owner.__dict__[attr] = (key, value)
+    owner.__dict__[attr] = (slots, key, value)
     return value
 
 
@@ -212,9 +223,8 @@ class LoraAdapter(nn.Module):
 
     def inference_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, scaling * B) in `dtype`, for forwards without autograd, cached until the weights change."""
-        params = (self.lora_A.weight, self.lora_B.weight)
-        return weight_cache(self, "_inference_weights", params, dtype,
-                            lambda: (params[0].to(dtype), params[1].to(dtype) * self.scaling))
+        return weight_cache(self, "_inference_weights", lambda: (self.lora_A, self.lora_B), dtype,
+                            lambda: (self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype) * self.scaling))
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling

@@ -299,8 +299,6 @@ class MixLoraMoeFFN(nn.Module):
         (gate first), the down A stacked [E*r, F], the B matrices stacked and transposed ([E*r, out],
         gate's and up's as one [2, E*r, F]) with each projection's LoRA scaling folded in, and the
         expert of each of the E*r columns."""
-        params = [w for p in projections for e in p.experts for w in (e.lora_A.weight, e.lora_B.weight)]
-
         def build():
             a = [torch.cat([e.lora_A.weight for e in p.experts]).to(dtype) for p in projections]
             b = [(torch.cat([e.lora_B.weight for e in p.experts], dim=1) * p.experts[0].scaling).t().contiguous()
@@ -309,7 +307,7 @@ class MixLoraMoeFFN(nn.Module):
             column_expert = torch.arange(self.num_experts, device=a[0].device).repeat_interleave(r)
             return torch.cat([a[0], a[1]]), a[2], torch.stack([b[0], b[1]]), b[2], column_expert
 
-        return weight_cache(self, "_dense_cache", params, dtype, build)
+        return weight_cache(self, "_dense_cache", lambda: _adapter_linears(projections), dtype, build)
 
     def _expert_dropout_threshold(self) -> int:
         """The experts' active LoRA dropout (out of 2**16): 0 in eval mode or without dropout.
@@ -330,8 +328,8 @@ class MixLoraMoeFFN(nn.Module):
         params = [w for e in range(self.num_experts) for p in projections
                   for w in (p.experts[e].lora_A.weight, p.experts[e].lora_B.weight)]
         if not torch.is_grad_enabled():  # evaluation: the stacked, cast weights last until a weight changes
-            plan.stacks = weight_cache(self, "_stack_cache", params, (dtype, plan.dropout_threshold),
-                                       lambda: plan.stacked_weights(params, dtype))
+            plan.stacks = weight_cache(self, "_stack_cache", lambda: _adapter_linears(projections),
+                                       (dtype, plan.dropout_threshold), lambda: plan.stacked_weights(params, dtype))
         with autocast_off(source.device.type):
             h_sum, lora_sum = FusedLoraExperts.apply(source.to(dtype), gate_base.to(dtype), up_base.to(dtype),
                                                      layout.sorted_weights(routing.weights), plan, *params)
@@ -442,6 +440,11 @@ class MixLoraMoeFFN(nn.Module):
         if out_parts:
             y = y.index_add(0, _gather_slices(tokens, out_slices), torch.cat(out_parts).to(y.dtype))
         return y
+
+
+def _adapter_linears(projections: list[MoeProjection]) -> list[nn.Linear]:
+    """The experts' lora_A and lora_B modules of `projections` (the weights a cache of them depends on)."""
+    return [lin for p in projections for e in p.experts for lin in (e.lora_A, e.lora_B)]
 
 
 def _gather_slices(t: torch.Tensor, slices: list[slice]) -> torch.Tensor:

@@ -216,14 +216,16 @@ class _UntrackedSGD(torch.optim.Optimizer):
                     p.data.add_(p.grad, alpha=-group["lr"])
 
 
-@pytest.mark.parametrize("update", ["in_place", "fused_adamw", "untracked_optimizer"])
+@pytest.mark.parametrize("update", ["in_place", "fused_adamw", "untracked_optimizer", "assigned"])
 @pytest.mark.parametrize("moe_path", ["dense_inference", "fused"])
 def test_inference_weight_caches_follow_every_weight_change(moe_path, update):
     """Without autograd, the casts and stacks of adapter weights are cached (attention LoRA, and the
     MoE's dense path or the sorted path's stacked expert weights); an in-place update (as an optimizer
     step or a load makes) must be seen at the next forward, also a step of torch's fused AdamW or of an
-    optimizer writing through `.data`, neither of which bumps the weights' version counters itself. Oracle: the reference path, which builds
-    nothing from cache."""
+    optimizer writing through `.data`, neither of which bumps the weights' version counters itself; and
+    so must new Parameters put in the old ones' place (`load_state_dict(assign=True)`), whose tensors are
+    new, their counters and storage unrelated to the cached ones'. Oracle: the reference path, which
+    builds nothing from cache."""
     model = get_mixlora_model(tiny_llama(), MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2),
                               adapter_dtype=torch.float64)
     randomize_adapters(model)
@@ -244,7 +246,13 @@ def test_inference_weight_caches_follow_every_weight_change(moe_path, update):
     assert (logits("fused") - before).abs().max().item() == 0  # served from the caches, unchanged
     gen = torch.Generator().manual_seed(5)
     adapters = [p for name, p in model.named_parameters() if p.requires_grad and ("lora_B" in name or "lora_A" in name)]
-    if update != "in_place":
+    if update == "assigned":
+        names = [name for name, p in model.named_parameters() if p.requires_grad and ("lora_B" in name or "lora_A" in name)]
+        model.load_state_dict({name: p.detach() + torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2
+                               for name, p in zip(names, adapters)}, strict=False, assign=True)
+        params = dict(model.named_parameters())
+        assert all(params[name] is not p for name, p in zip(names, adapters))  # new Parameter objects
+    elif update != "in_place":
         for p in adapters:
             p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
         optimizer = (torch.optim.AdamW(adapters, lr=0.2, fused=True) if update == "fused_adamw"

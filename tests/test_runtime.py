@@ -314,3 +314,38 @@ def test_lm_head_benchmark_times_the_hooked_and_unhooked_head(tmp_path):
         assert row["max_abs_logit_diff"] < 1e-12  # fp64: the hooked head computes the same logits
     assert json.loads(out.read_text())["rows"][1]["batch"] == 3
     assert "| float64 | 3 |" in (tmp_path / "head.md").read_text()
+
+
+def test_library_ab_benchmark_runs_the_commits_own_code_beside_the_working_trees(tmp_path, tiny_model_dir,
+                                                                                  prepared_data):
+    """benchmarks/ab_inference.py, tiny, against HEAD: `old` is HEAD's `mixlora_lit`, imported from its own
+    files under another name (the source `git show` gives), not the working tree's package; the ratios are
+    the quotients of the medians per round; and where the working tree's library is HEAD's, both pick the
+    same tokens and answers."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ab_inference
+    import bench_step
+
+    data_dir, _ = prepared_data
+    out = tmp_path / "ab.json"
+    results = ab_inference.main(["HEAD", "--base", str(tiny_model_dir), "--dtype", "fp32", "--experts", "4", "--rank",
+                                 "4", "--gen-batch", "2", "--new-tokens", "3", "--decode-steps", "2", "--limit", "4",
+                                 "--eval-batch", "4", "--rounds", "2", "--threads", "1", "--malloc", "default",
+                                 "--data-dir", str(data_dir), "--json", str(out)])
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    assert results["old_commit"] == sha
+    old = sys.modules[f"mixlora_lit_at_{sha[:10]}.moe"]
+    assert not Path(old.__file__).is_relative_to(ROOT)
+    assert Path(old.__file__).read_text() == subprocess.run(["git", "show", "HEAD:mixlora_lit/moe.py"], cwd=ROOT,
+                                                            capture_output=True, text=True, check=True).stdout
+    assert results["round_orders"] == [["base", "new", "old"], ["old", "new", "base"], ["base", "new", "old"]]
+    for work in ("generate", "decode", "eval"):
+        rounds = results["rounds_s"]
+        per_round = [n / o for n, o in zip(rounds[f"new_{work}"], rounds[f"old_{work}"], strict=True)]
+        assert len(per_round) == 2 and results["per_round"][f"{work}_new_vs_old"] == pytest.approx(per_round)
+        assert results["intervals"][f"{work}_new_vs_old"] == bench_step.ratio_interval(f"{work}_new_vs_old",
+                                                                                       results["per_round"][f"{work}_new_vs_old"])
+    unchanged = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "mixlora_lit"], cwd=ROOT).returncode == 0
+    if unchanged:  # always so on a clean checkout (CI)
+        assert results["new_same_as_old"] == {"generate": True, "decode": True, "eval": True}
+    assert json.loads(out.read_text())["per_round"] == results["per_round"]
