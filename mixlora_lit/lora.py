@@ -112,6 +112,11 @@ def weight_cache(owner: nn.Module, attr: str, linears: Callable[[], Iterable[nn.
     remembered and each weight is read from its dict at each check, so a replaced Parameter is seen. A
     module replaced by another after that first call is not: the adapters' modules are fixed when the
     model is built."""
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile: built inside the graph at each call instead, since reading a weight's
+        # address or version counter (the check) would break the graph there, and the compiled decoder
+        # into pieces (a compiled decoding step then took twice the eager one's time).
+        return build()
     cached = owner.__dict__.get(attr)
     slots = cached[0] if cached is not None else [m._parameters for m in linears()]
     weights = [slot["weight"] for slot in slots]

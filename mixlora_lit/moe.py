@@ -238,9 +238,13 @@ class MixLoraMoeFFN(nn.Module):
         # [T, k, E*r]: 1 in the columns of the slot's expert (none for index E, the frozen FFN alone)
         select = (routing.experts.unsqueeze(-1) == column_expert).to(dtype)
         # [2, T, k, E*r]: gate's and up's A x, masked per slot, as one batch of [T*k, E*r] rows each
-        # (written into a [2, T, k, E*r] buffer: the product would otherwise take the transposed input's layout)
-        low = torch.mul(F.linear(x, a_gu).view(num_tokens, 2, 1, width).transpose(0, 1), select,
-                        out=torch.empty(2, num_tokens, k, width, dtype=dtype, device=x.device))
+        # (written into a [2, T, k, E*r] buffer: the product would otherwise take the transposed input's layout.
+        # torch.compile rewrites `out=` and its layout with it, so there the product is made contiguous.)
+        low_all = F.linear(x, a_gu).view(num_tokens, 2, 1, width).transpose(0, 1)
+        if torch.compiler.is_compiling():
+            low = (low_all * select).contiguous()
+        else:
+            low = torch.mul(low_all, select, out=torch.empty(2, num_tokens, k, width, dtype=dtype, device=x.device))
         h = self._inference_hidden(x, torch.bmm(low.view(2, rows, width), b_gu).view(2, num_tokens, k, -1))
         w = routing.weights.to(dtype)  # [T, k]
         low_down = F.linear(h.view(rows, -1), a_down).view(num_tokens, k, width).mul_(select.mul_(w.unsqueeze(-1)))

@@ -313,3 +313,45 @@ def test_no_grad_paths_by_row_count_and_a_decoding_step_matches_the_reference():
         model.set_execution_path("reference")
         reference = model(input_ids=ids[:1, :1]).logits
     assert (step - reference).abs().max().item() <= TOL
+
+
+def test_no_grad_paths_trace_under_torch_compile():
+    """`torch.compile` of a MixLoRA model traces each no-grad path into its graph (dynamo, then AOT
+    autograd's functionalisation: the `aot_eager` backend, which stops short of inductor's C++ build)
+    and computes what eager computes: a decoding step of one sequence (gathered experts), a small batch
+    (dense masked experts) and, compiled around it, the sorted path, which runs eagerly. The dense path
+    once failed to compile: it viewed an `out=` product whose layout functionalisation changes."""
+    from mixlora_lit.moe import MixLoraMoeFFN
+
+    torch._dynamo.reset()
+    model = get_mixlora_model(tiny_llama(), MixLoraConfig(r=4, lora_alpha=8, num_experts=8, top_k=2),
+                              adapter_dtype=torch.float64)
+    randomize_adapters(model)
+    model.eval()
+    ids, mask = batch()
+    traced = {}
+    originals = {path: getattr(MixLoraMoeFFN, f"_forward_{path}") for path in ("gathered_inference", "dense_inference")}
+
+    def spy(path):
+        def forward(self, *args):
+            traced.setdefault(path, []).append(torch.compiler.is_compiling())
+            return originals[path](self, *args)
+        return forward
+
+    try:
+        for path in originals:
+            setattr(MixLoraMoeFFN, f"_forward_{path}", spy(path))
+        compiled = torch.compile(model, backend="aot_eager")
+        for inputs, max_rows in (({"input_ids": ids[:1, :1]}, None), ({"input_ids": ids, "attention_mask": mask}, None),
+                                 ({"input_ids": ids, "attention_mask": mask}, 0)):
+            for module in model.moe_layers():
+                module.dense_inference_max_rows = 384 if max_rows is None else max_rows
+            with torch.no_grad():
+                eager, graph = model(**inputs).logits, compiled(**inputs).logits
+            assert (graph - eager).abs().max().item() <= TOL
+    finally:
+        for path, original in originals.items():
+            setattr(MixLoraMoeFFN, f"_forward_{path}", original)
+        torch._dynamo.reset()
+    # each path ran eagerly (model) and was traced (compiled)
+    assert {path: set(calls) for path, calls in traced.items()} == {path: {False, True} for path in originals}
