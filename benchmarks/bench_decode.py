@@ -15,9 +15,10 @@ random B matrices. Also checks that both paths pick the same tokens, and names t
 default takes at each row count. From 3 sequences on (6 rows at top-2) both MixLoRA variants take the
 dense path: their ratio is then a control, what the machine's noise alone makes of two identical runs.
 
-`--against COMMIT` adds `dense@COMMIT`: the dense path as that commit wrote it (its `moe.py`, loaded
-with `git show`, its `_forward_dense_inference` and `_dense_weights` on the same model), to time a
-change of the dense path in one process. Usable while those two methods' interface is unchanged.
+`--against COMMIT` adds `dense@COMMIT`: the dense path as that commit wrote it (its `_forward_dense_inference`
+and `_dense_weights`, taken from that commit's whole library as `ab_inference.py` imports it, so with its own
+weight cache, on the same model), to time a change of the dense path in one process. Usable while those two
+methods' signatures are unchanged. (`ab_inference.py` compares whole libraries.)
 
     .venv/bin/python benchmarks/bench_decode.py --batch 1 2 4 --json reports/bench_decode.json --markdown reports/bench_decode.md
     .venv/bin/python benchmarks/bench_decode.py --batch 4 --against afb3e0e   # before session 19's dense path
@@ -29,9 +30,7 @@ import argparse
 import importlib.util
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import types
 
@@ -62,20 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def dense_path_at(commit: str):
-    """`MixLoraMoeFFN._forward_dense_inference` and `_dense_weights` as `commit` (any git revision) wrote them."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sha = subprocess.run(["git", "-C", repo, "rev-parse", "--short", commit], check=True, capture_output=True,
-                         text=True).stdout.strip()
-    source = subprocess.run(["git", "-C", repo, "show", f"{sha}:mixlora_lit/moe.py"], check=True,
-                            capture_output=True, text=True).stdout.replace("from .", "from mixlora_lit.")
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, f"moe_{sha}.py")
-        with open(path, "w") as f:
-            f.write(source)
-        spec = importlib.util.spec_from_file_location(f"moe_{sha}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return module.MixLoraMoeFFN._forward_dense_inference, module.MixLoraMoeFFN._dense_weights
+    """`MixLoraMoeFFN._forward_dense_inference` and `_dense_weights` as `commit` (any git revision) wrote them,
+    from that commit's whole library (`ab_inference.library_at`), so they call its own helpers."""
+    from ab_inference import library_at
+
+    library, _ = library_at(commit)
+    moe = importlib.import_module(f"{library.__name__}.moe")
+    return moe.MixLoraMoeFFN._forward_dense_inference, moe.MixLoraMoeFFN._dense_weights
 
 
 def main(argv=None) -> dict:
