@@ -7,7 +7,7 @@ attention LoRA to the MoE paths and their weight caches, runs in one process on 
 (the working tree's model, small random B matrices as in bench_inference.py, copied into the other's).
 Three models interleave, the order flipping every round: the frozen base, `new` (working tree) and
 `old` (COMMIT). Reports the medians, new / old and each / base with 95% intervals over the rounds, and
-whether new and old pick the same tokens and the same answers.
+whether new and old pick the same tokens and reach the same accuracies.
 
     .venv/bin/python benchmarks/ab_inference.py HEAD --json reports/ab_inference.json --markdown reports/ab_inference.md
 """
@@ -15,9 +15,11 @@ whether new and old pick the same tokens and the same answers.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import io
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -65,9 +67,11 @@ def library_at(commit: str):
                          text=True).stdout.strip()
     archive = subprocess.run(["git", "archive", sha, "mixlora_lit"], cwd=REPO, check=True, capture_output=True).stdout
     root = tempfile.mkdtemp(prefix="ab_inference_")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # imported modules need no files after import
     name = f"mixlora_lit_at_{sha[:10]}"
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(root, filter="data")
+        # git's own archive; the "data" filter (Python >= 3.11.4 / 3.10.12) where there is one
+        tar.extractall(root, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     os.rename(os.path.join(root, "mixlora_lit"), os.path.join(root, name))
     sys.path.insert(0, root)
     return importlib.import_module(name), sha
@@ -169,7 +173,7 @@ def markdown(results: dict) -> str:
              f"generate: {s['gen_batch']} prompts x {s['new_tokens']} new tokens, greedy; decode: {s['decode_batch']} "
              f"sequence(s), one cached step; eval: label-token accuracy, {s['limit']} test examples of each of "
              f"{', '.join(s['tasks'])}, batch {s['eval_batch']}", "",
-             "| workload | unit | base | new | old | new / old | new / base | old / base | new, old same outputs |",
+             "| workload | unit | base | new | old | new / old | new / base | old / base | new, old same tokens (eval: accuracies) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for work in s["workloads"]:
         scale = 1e3 if work == "decode" else 1.0

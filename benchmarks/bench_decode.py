@@ -17,7 +17,7 @@ dense path: their ratio is then a control, what the machine's noise alone makes 
 
 `--against COMMIT` adds `dense@COMMIT`: the dense path as that commit wrote it (its `_forward_dense_inference`
 and `_dense_weights`, taken from that commit's whole library as `ab_inference.py` imports it, so with its own
-weight cache, on the same model), to time a change of the dense path in one process. Usable while those two
+MoE weight cache (the attention LoRA's is the current one), on the same model), to time a change of the dense path in one process. Usable while those two
 methods' signatures are unchanged. (`ab_inference.py` compares whole libraries.)
 
     .venv/bin/python benchmarks/bench_decode.py --batch 1 2 4 --json reports/bench_decode.json --markdown reports/bench_decode.md
@@ -27,7 +27,7 @@ methods' signatures are unchanged. (`ab_inference.py` compares whole libraries.)
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import os
 import statistics
 import sys
@@ -62,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def dense_path_at(commit: str):
     """`MixLoraMoeFFN._forward_dense_inference` and `_dense_weights` as `commit` (any git revision) wrote them,
-    from that commit's whole library (`ab_inference.library_at`), so they call its own helpers."""
+    from that commit's whole library (`ab_inference.library_at`): they call its module-level helpers (its
+    `weight_cache` among them), and the current class's methods through `self`."""
     from ab_inference import library_at
 
     library, _ = library_at(commit)

@@ -107,19 +107,21 @@ def weight_cache(owner: nn.Module, attr: str, linears: Callable[[], Iterable[nn.
     exception), or a new tensor in the module's place (`load_state_dict(assign=True)`, `.to()`).
 
     Checked at every call, so the check is kept cheap: a decoding step checks about 1,700 weights
-    (SmolLM2, MixLoRA on every projection), and walking the modules for them each time cost about a
-    tenth of the step. `linears()` is called once per owner and `attr`; their parameter dicts are
-    remembered and each weight is read from its dict at each check, so a replaced Parameter is seen. A
-    module replaced by another after that first call is not: the adapters' modules are fixed when the
-    model is built."""
+    (SmolLM2, MixLoRA on every projection); walking the modules for them at each check made the checks
+    about a tenth of the step. `linears()` is called once per owner and `attr`; the modules and their
+    parameter dicts are remembered and each weight is read from its dict at each check, so a replaced
+    Parameter is seen. A module replaced by another after that first call is not: the adapters' modules
+    are fixed when the model is built."""
     if torch.compiler.is_compiling():
         # Traced by torch.compile: built inside the graph at each call instead, since reading a weight's
         # address or version counter (the check) would break the graph there, and the compiled decoder
         # into pieces (a compiled decoding step then took twice the eager one's time).
         return build()
     cached = owner.__dict__.get(attr)
-    slots = cached[0] if cached is not None else [m._parameters for m in linears()]
-    weights = [slot["weight"] for slot in slots]
+    slots = cached[0] if cached is not None else [(m, m._parameters) for m in linears()]
+    # A weight outside its module's parameter dict is read as an attribute: FSDP (original parameters) puts a
+    # plain tensor there during its forwards, and parametrisations a property.
+    weights = [params["weight"] if "weight" in params else module.weight for module, params in slots]
     key = (dtype, [w.data_ptr() for w in weights], [w._version for w in weights])
     if cached is not None and cached[1] == key:
         return cached[2]

@@ -216,7 +216,7 @@ class _UntrackedSGD(torch.optim.Optimizer):
                     p.data.add_(p.grad, alpha=-group["lr"])
 
 
-@pytest.mark.parametrize("update", ["in_place", "fused_adamw", "untracked_optimizer", "assigned"])
+@pytest.mark.parametrize("update", ["in_place", "fused_adamw", "untracked_optimizer", "assigned", "parametrized"])
 @pytest.mark.parametrize("moe_path", ["dense_inference", "fused"])
 def test_inference_weight_caches_follow_every_weight_change(moe_path, update):
     """Without autograd, the casts and stacks of adapter weights are cached (attention LoRA, and the
@@ -224,8 +224,9 @@ def test_inference_weight_caches_follow_every_weight_change(moe_path, update):
     step or a load makes) must be seen at the next forward, also a step of torch's fused AdamW or of an
     optimizer writing through `.data`, neither of which bumps the weights' version counters itself; and
     so must new Parameters put in the old ones' place (`load_state_dict(assign=True)`), whose tensors are
-    new, their counters and storage unrelated to the cached ones'. Oracle: the reference path, which
-    builds nothing from cache."""
+    new, their counters and storage unrelated to the cached ones'; and weights that leave their module's
+    parameter dict for an attribute (a parametrisation here; FSDP does the same in its forwards). Oracle:
+    the reference path, which builds nothing from cache."""
     model = get_mixlora_model(tiny_llama(), MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2),
                               adapter_dtype=torch.float64)
     randomize_adapters(model)
@@ -252,6 +253,16 @@ def test_inference_weight_caches_follow_every_weight_change(moe_path, update):
                                for name, p in zip(names, adapters)}, strict=False, assign=True)
         params = dict(model.named_parameters())
         assert all(params[name] is not p for name, p in zip(names, adapters))  # new Parameter objects
+    elif update == "parametrized":
+        class Doubled(torch.nn.Module):
+            def forward(self, weight):
+                return 2 * weight
+
+        adapter_linears = [m for name, m in model.named_modules() if name.endswith(("lora_A", "lora_B"))]
+        assert adapter_linears
+        for module in adapter_linears:
+            torch.nn.utils.parametrize.register_parametrization(module, "weight", Doubled())
+            assert "weight" not in module._parameters
     elif update != "in_place":
         for p in adapters:
             p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
@@ -355,3 +366,20 @@ def test_no_grad_paths_trace_under_torch_compile():
         torch._dynamo.reset()
     # each path ran eagerly (model) and was traced (compiled)
     assert {path: set(calls) for path, calls in traced.items()} == {path: {False, True} for path in originals}
+    # ... in one graph (`fullgraph` raises at a graph break): the weight caches' check once broke it, at
+    # every projection, reading a weight's address
+    from mixlora_lit.lora import LoraLinear
+
+    layer = model.moe_layers()[0]
+    layer.dense_inference_max_rows = 384  # 1 token: gathered experts, 6: dense
+    attention = next(m for m in model.modules() if isinstance(m, LoraLinear))
+    weight = layer._base("gate_proj").weight
+    for module, tokens in ((layer, 1), (layer, 6), (attention, 6)):
+        x = torch.randn(1, tokens, weight.shape[1], dtype=weight.dtype, generator=torch.Generator().manual_seed(tokens))
+        torch._dynamo.reset()
+        try:
+            with torch.no_grad():
+                graph, eager = torch.compile(module, backend="aot_eager", fullgraph=True)(x), module(x)
+        finally:
+            torch._dynamo.reset()
+        assert (graph - eager).abs().max().item() <= TOL
