@@ -28,6 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_decode import decode_steps  # noqa: E402
 from bench_inference import mixlora_with_random_b  # noqa: E402
 from bench_step import apply_malloc_setting, emit, interval_lines, ratio_intervals, turn_order  # noqa: E402
 
@@ -84,7 +85,6 @@ def main(argv=None) -> dict:
 
     args.dtype = dtype_name(parse_dtype(args.dtype))
     import torch
-    from transformers import DynamicCache
 
     from mixlora_lit.base_models import load_base_model, load_tokenizer
     from mixlora_lit.data.prepare import read_split
@@ -109,25 +109,14 @@ def main(argv=None) -> dict:
         return model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                               pad_token_id=tokenizer.pad_token_id)
 
-    def decode(model):
-        """Seconds per cached step (after an untimed prefill) and the tokens picked."""
-        out = model(input_ids=decode_ids, past_key_values=DynamicCache(), use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        picked = [token]
-        start = time.perf_counter()
-        for _ in range(args.decode_steps):
-            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            picked.append(token)
-        return (time.perf_counter() - start) / args.decode_steps, torch.cat(picked, dim=1)
-
     def evaluate(model):
         return label_token_accuracy(model, tokenizer, args.tasks, limit=args.limit, data_dir=args.data_dir,
                                     batch_size=args.eval_batch)
 
     def timed(work, model):
-        if work == "decode":
-            return decode(model)
+        if work == "decode":  # seconds per cached step
+            step_times, tokens = decode_steps(model, decode_ids, args.decode_steps)
+            return sum(step_times) / args.decode_steps, tokens
         start = time.perf_counter()
         out = generate(model) if work == "generate" else evaluate(model)
         return time.perf_counter() - start, out

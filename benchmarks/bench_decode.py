@@ -71,6 +71,25 @@ def dense_path_at(commit: str):
     return moe.MixLoraMoeFFN._forward_dense_inference, moe.MixLoraMoeFFN._dense_weights
 
 
+def decode_steps(model, ids, steps: int):
+    """Greedy cached decoding after a prefill of `ids` (untimed), no grad: the seconds each of `steps` forwards
+    took (one new token per sequence, as `generate()` makes them, with a `DynamicCache`) and the tokens picked."""
+    import torch
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        picked, times = [token], []
+        for _ in range(steps):
+            start = time.perf_counter()
+            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - start)
+            picked.append(token)
+    return times, torch.cat(picked, dim=1)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     allocator_tuned = apply_malloc_setting(args.malloc)
@@ -78,7 +97,6 @@ def main(argv=None) -> dict:
 
     args.dtype = dtype_name(parse_dtype(args.dtype))
     import torch
-    from transformers import DynamicCache
 
     from mixlora_lit.base_models import load_base_model
 
@@ -88,19 +106,6 @@ def main(argv=None) -> dict:
     layers = mixlora.moe_layers()
     models = MODELS + ((f"dense@{args.against}",) if args.against else ())
     against = dense_path_at(args.against) if args.against else None
-
-    def decode(model, ids, steps):
-        """Per-step seconds and the tokens picked, greedy, after a prefill of `ids`."""
-        with torch.no_grad():
-            out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            picked = [token]
-            start = time.perf_counter()
-            for _ in range(steps):
-                out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-                token = out.logits[:, -1:].argmax(-1)
-                picked.append(token)
-            return (time.perf_counter() - start) / steps, torch.cat(picked, dim=1)
 
     def configure(name):
         for layer in layers:  # None: the library's default; `dense`: no row count within the gathered limit
@@ -114,7 +119,8 @@ def main(argv=None) -> dict:
 
     def run(name, ids, steps):
         configure(name)
-        return decode(base if name == "base" else mixlora, ids, steps)
+        step_times, tokens = decode_steps(base if name == "base" else mixlora, ids, steps)
+        return sum(step_times) / steps, tokens
 
     rows = []
     for batch in args.batch:

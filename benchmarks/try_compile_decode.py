@@ -22,6 +22,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_decode import decode_steps  # noqa: E402
 from bench_inference import mixlora_with_random_b  # noqa: E402
 
 
@@ -47,7 +48,6 @@ def main(argv=None) -> None:
 
     args.dtype = dtype_name(parse_dtype(args.dtype))
     import torch
-    from transformers import DynamicCache
 
     torch.set_num_threads(args.threads)
     model = (mixlora_with_random_b(args)[0] if args.model == "mixlora"
@@ -55,22 +55,10 @@ def main(argv=None) -> None:
     ids = torch.randint(0, 1000, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
     compiled = torch.compile(model, dynamic=True)
 
-    def decode(m, steps):
-        out = m(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        picked, times = [token], []
-        for _ in range(steps):
-            start = time.perf_counter()
-            out = m(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            times.append(time.perf_counter() - start)
-            picked.append(token)
-        return times, torch.cat(picked, dim=1)
-
     with torch.no_grad():
         start = time.perf_counter()
         try:
-            first, _ = decode(compiled, 4)
+            first, _ = decode_steps(compiled, ids, 4)
         except Exception:  # report, don't hide: the trial's answer is then "it does not work here"
             traceback.print_exc()
             print(f"torch.compile failed after {time.perf_counter() - start:.1f} s")
@@ -79,8 +67,8 @@ def main(argv=None) -> None:
               f"{time.perf_counter() - start:.1f} s; its steps {', '.join(f'{t:.2f}' for t in first)} s", flush=True)
         medians = {"eager": [], "compiled": []}
         for _ in range(args.rounds):
-            eager, a = decode(model, args.steps)
-            comp, b = decode(compiled, args.steps)
+            eager, a = decode_steps(model, ids, args.steps)
+            comp, b = decode_steps(compiled, ids, args.steps)
             medians["eager"].append(statistics.median(eager))
             medians["compiled"].append(statistics.median(comp))
             print(f"eager {medians['eager'][-1] * 1e3:.1f} ms/step, compiled {medians['compiled'][-1] * 1e3:.1f}; "
