@@ -9,6 +9,8 @@ Methods (all forward + backward on the same token batch, LM loss over every posi
   per_expert_down  fused gate/up, but the base down projection once per (token, expert): the
                    reference code's fast path, to show what factoring W2 out of the sum buys
   fused_grouped    the fused path with `torch._grouped_mm` over the experts' blocks (MixLoraMoeFFN.grouped_mm)
+  fused_untiled    the fused path with one matmul per expert block instead of one batched matmul over the
+                   blocks' row tiles (MixLoraMoeFFN.tiled_blocks off)
   lora_compiled, fused_compiled
                    the same two after `module.compile()` (torch.compile; not in the default list: each
                    compiles for about half a minute in its warm-up step)
@@ -37,7 +39,7 @@ import sys
 import time
 
 METHODS = ("base", "lora", "fused", "fused_recompute", "reference", "per_expert_down", "reference_code")
-ALL_METHODS = METHODS + ("lora_compiled", "fused_compiled", "fused_grouped")
+ALL_METHODS = METHODS + ("lora_compiled", "fused_compiled", "fused_grouped", "fused_untiled")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,6 +99,8 @@ def build(method: str, args: argparse.Namespace):
             module.factor_down = method != "per_expert_down"
             if method == "fused_grouped":
                 module.grouped_mm = True
+            if method == "fused_untiled":  # padded blocks as one matmul per expert (before the tiles)
+                module.tiled_blocks = False
     model.train()
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -279,6 +283,7 @@ def main(argv=None) -> dict:
     results["peak_mem_ratio_vs_reference_code"] = ratio("fused", "reference_code", "peak_rss_mb")
     results["compiled_step_ratio_vs_lora_compiled"] = ratio("fused_compiled", "lora_compiled")
     results["grouped_step_ratio_vs_fused"] = ratio("fused_grouped", "fused")
+    results["untiled_step_ratio_vs_fused"] = ratio("fused_untiled", "fused")
     results["compiled_step_ratio_vs_fused"] = ratio("fused_compiled", "fused")
     if args.profile:
         for method in args.methods:
@@ -419,7 +424,7 @@ def markdown(results: dict) -> str:
     for key in ("step_ratio_vs_lora", "step_ratio_vs_reference", "step_ratio_vs_base", "peak_mem_ratio_vs_lora",
                 "recompute_step_ratio_vs_lora", "recompute_peak_mem_ratio_vs_lora", "step_ratio_vs_reference_code",
                 "peak_mem_ratio_vs_reference_code", "compiled_step_ratio_vs_lora_compiled",
-                "compiled_step_ratio_vs_fused", "grouped_step_ratio_vs_fused"):
+                "compiled_step_ratio_vs_fused", "grouped_step_ratio_vs_fused", "untiled_step_ratio_vs_fused"):
         value = results.get(key)
         lines.append(f"- `{key}`: {value:.3f}" if value is not None else f"- `{key}`: n/a")
     lines += interval_lines(results.get("intervals", {}))

@@ -120,6 +120,7 @@ class ExpertLayout:
         num = flat_experts.numel()
         order = torch.argsort(flat_experts, stable=True)
         self.k = k
+        self.bucket = bucket
         self.num_adapted = num_experts
         self.uniform = False
         self.sync_free = sync_free
@@ -182,10 +183,17 @@ class ExpertPlan:
     """What `FusedLoraExperts` needs besides tensors: the routing layout and the LoRA constants."""
 
     def __init__(self, layout: ExpertLayout, num_adapted: int, rank: int, scalings: tuple[float, float, float],
-                 dropout_threshold: int, act_fn: Callable[[torch.Tensor], torch.Tensor], grouped: bool = False) -> None:
+                 dropout_threshold: int, act_fn: Callable[[torch.Tensor], torch.Tensor], grouped: bool = False,
+                 tiled: bool = False) -> None:
         """grouped: run the products as `torch._grouped_mm` calls over all experts' blocks when the
         layout has blocks of different sizes (the caller checks `grouped_mm_supported`); always with a
-        sync-free layout, whose block sizes only the device knows."""
+        sync-free layout, whose block sizes only the device knows.
+
+        tiled: otherwise, when the blocks are padded (`bucket` > 1) but not uniform, run each product as
+        one batched matmul over tiles of `bucket` rows, every tile within one expert's block, with each
+        tile's copy of its expert's weights (gathered per product: [tiles, K, N], small next to the
+        rows). One call per product instead of one per expert: on CPU in bf16 a rank-16 product over one
+        expert's block runs at a fifth of a batched one's rate."""
         if layout.num_adapted != num_adapted:
             raise ValueError(f"the layout has {layout.num_adapted} adapted experts, the plan {num_adapted}")
         self.layout = layout
@@ -201,6 +209,13 @@ class ExpertPlan:
         self.frozen_rows = 0 if layout.sync_free else sum(layout.counts[num_adapted:])
         self.adapted_rows = layout.num_rows - self.frozen_rows
         self.grouped = layout.sync_free or (grouped and not layout.uniform and self.adapted_rows > 0)
+        self.tiled = (tiled and not self.grouped and not layout.uniform and layout.bucket > 1
+                      and self.adapted_rows > 0)
+        # The expert of each tile of `bucket` rows (tiled only): capacities are multiples of the bucket.
+        self.tile_expert = torch.repeat_interleave(
+            torch.arange(num_adapted, device=layout.tokens.device),
+            torch.tensor([c // layout.bucket for c in layout.capacities[:num_adapted]],
+                         device=layout.tokens.device)) if self.tiled else None
         # Where each adapted expert's block ends (grouped matmuls' `offs`).
         self.offsets = layout.offsets if layout.sync_free else (
             torch.tensor(layout.capacities[:num_adapted], device=layout.tokens.device).cumsum(0).to(torch.int32)
@@ -211,6 +226,13 @@ class ExpertPlan:
         if self._groups is None:
             self._groups = self.layout.groups()
         return self._groups
+
+    def tile_weights(self, w: torch.Tensor) -> torch.Tensor:
+        """w [E, K, N] (any strides) -> [tiles, K, N], each tile's expert's matrix. A transposed view of a
+        contiguous stack is gathered from the stack and viewed transposed again (no transposing copy)."""
+        if not w.is_contiguous() and w.transpose(1, 2).is_contiguous():
+            return w.transpose(1, 2).index_select(0, self.tile_expert).transpose(1, 2)
+        return w.index_select(0, self.tile_expert)
 
     def stacked_weights(self, params: tuple[torch.Tensor, ...], dtype: torch.dtype) -> list[torch.Tensor]:
         """The experts' LoRA weights stacked over experts and cast to `dtype` once per call:
@@ -263,6 +285,13 @@ def block_mm(plan: ExpertPlan, a: torch.Tensor, w: torch.Tensor, acc: torch.Tens
             return out
         acc[:n_rows].add_(out, alpha=alpha)
         return acc
+    if plan.tiled:
+        tiles = plan.tile_expert.numel()
+        a_tiles, w_tiles = a[:n_rows].view(tiles, -1, a.shape[-1]), plan.tile_weights(w)
+        if acc is None:
+            return torch.bmm(a_tiles, w_tiles).view(n_rows, w.shape[-1])
+        acc[:n_rows].view(tiles, -1, w.shape[-1]).baddbmm_(a_tiles, w_tiles, alpha=alpha)
+        return acc
     out = a.new_empty(n_rows, w.shape[-1]) if acc is None else acc
     for e0, e1, sl, size in plan.groups():
         if e1 - e0 == 1:  # one expert: a plain matmul on row slices (fewer view ops than a 1-batch bmm)
@@ -279,10 +308,18 @@ def block_mm(plan: ExpertPlan, a: torch.Tensor, w: torch.Tensor, acc: torch.Tens
 
 def block_mm_t(plan: ExpertPlan, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per adapted expert e, (e's rows of a)^T times (e's rows of b): a [rows, M], b [rows, N] ->
-    [E, M, N] (the weight gradients; undefined for an expert without rows)."""
+    [E, M, N] (the weight gradients; undefined for an expert without rows). In the inputs' dtype, or at
+    least fp32 when tiled."""
     n_rows = plan.adapted_rows
     if plan.grouped:
         return torch._grouped_mm(a[:n_rows].t(), b[:n_rows], offs=plan.offsets)
+    if plan.tiled:  # per tile, then summed per expert in >= fp32 (as one matmul per expert accumulates)
+        tiles = plan.tile_expert.numel()
+        per_tile = torch.bmm(a[:n_rows].view(tiles, -1, a.shape[-1]).transpose(1, 2),
+                             b[:n_rows].view(tiles, -1, b.shape[-1]))
+        total = per_tile.new_zeros(plan.num_adapted, a.shape[-1], b.shape[-1],
+                                   dtype=torch.promote_types(per_tile.dtype, torch.float32))
+        return total.index_add_(0, plan.tile_expert, per_tile.to(total.dtype))
     out = a.new_empty(plan.num_adapted, a.shape[-1], b.shape[-1])
     for e0, e1, sl, size in plan.groups():
         if e1 - e0 == 1:

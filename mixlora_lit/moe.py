@@ -99,6 +99,9 @@ class MixLoraMoeFFN(nn.Module):
         # Otherwise, run each product of all experts' blocks as one `torch._grouped_mm` (CPU; see
         # kernels.grouped_mm_supported) instead of one batched matmul per expert.
         self.grouped_mm = False
+        # Otherwise, where the blocks are padded but of different sizes, run each product as one batched
+        # matmul over the blocks' tiles of `row_bucket` rows (see ExpertPlan); off: one matmul per expert.
+        self.tiled_blocks = True
         # Build the routing layout on the device without reading anything back to the host, and run the
         # products as grouped matmuls (top-k routing, where `grouped_mm_supported(..., sync_free=True)`;
         # else the usual layout): for GPUs, where each read-back stalls the device (see ExpertLayout).
@@ -328,7 +331,7 @@ class MixLoraMoeFFN(nn.Module):
         grouped = self.grouped_mm and grouped_mm_supported(dtype, source.device, source.shape[1], gate_base.shape[1],
                                                            rank)
         plan = ExpertPlan(layout, self.num_experts, rank, tuple(p.experts[0].scaling for p in projections),
-                          self._expert_dropout_threshold(), self.act_fn, grouped)
+                          self._expert_dropout_threshold(), self.act_fn, grouped, self.tiled_blocks)
         params = [w for e in range(self.num_experts) for p in projections
                   for w in (p.experts[e].lora_A.weight, p.experts[e].lora_B.weight)]
         if not torch.is_grad_enabled():  # evaluation: the stacked, cast weights last until a weight changes

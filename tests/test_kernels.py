@@ -47,11 +47,12 @@ def _layout(experts, bucket, sync_free=False):
     return layout
 
 
-def _kernel(experts, leaves, threshold, bucket, grouped=False, sync_free=False):
+def _kernel(experts, leaves, threshold, bucket, grouped=False, sync_free=False, tiled=False):
     x, gate_base, up_base, weights, *params = leaves
     layout = _layout(experts, bucket, sync_free)
-    plan = ExpertPlan(layout, E, R, SCALINGS, threshold, F.silu, grouped)
+    plan = ExpertPlan(layout, E, R, SCALINGS, threshold, F.silu, grouped, tiled)
     assert plan.grouped == (sync_free or grouped and not layout.uniform)
+    assert plan.tiled == (tiled and not plan.grouped and not layout.uniform and bucket[0] > 1)
     return FusedLoraExperts.apply(x, gate_base, up_base, layout.sorted_weights(weights), plan, *params)
 
 
@@ -97,17 +98,23 @@ def _oracle(experts, leaves, threshold, bucket, sync_free=False):
     (3, 4, 0.3, (1, 0), False), (1, 5, 0.5, (1, 0), False), (2, 0, 0.0, (4, 0), False), (2, 0, 0.1, (8, 0), False),
     (3, 4, 0.3, (4, 0), False), (1, 5, 0.5, (16, 0), False), (1, 0, 0.3, (4, 0), True),
     # uniform blocks: all experts in one batched matmul
-    (2, 0, 0.0, (1, 1), False), (2, 0, 0.1, (8, 4), False), (3, 4, 0.3, (4, 16), False), (1, 2, 0.3, (1, 4), True)])
+    (2, 0, 0.0, (1, 1), False), (2, 0, 0.1, (8, 4), False), (3, 4, 0.3, (4, 16), False), (1, 2, 0.3, (1, 4), True),
+    # padded blocks as tiles of bucket[0] rows, each product one batched matmul over the tiles
+    (2, 0, 0.0, (4, -1), False), (2, 0, 0.1, (8, -1), False), (3, 4, 0.3, (4, -1), False), (1, 5, 0.5, (2, -1), False),
+    (1, 0, 0.3, (4, -1), True)])
 def test_fused_lora_experts_matches_autograd_oracle(k, frozen_tokens, dropout, bucket, unused):
     """Also with expert blocks padded (per expert to a multiple of bucket[0] rows, or all to one size
-    rounded to bucket[1]): padding must change nothing; an expert without tokens gets no gradient."""
+    rounded to bucket[1]; bucket[1] -1: per expert, the products over tiles of bucket[0] rows): padding
+    must change nothing; an expert without tokens gets no gradient."""
     threshold = int(round(dropout * 65536))
     experts, leaves = _inputs(k, frozen_tokens, unused)
+    tiled = bucket[1] < 0
+    bucket = (bucket[0], 0) if tiled else bucket
     cot = [torch.randn(T, FF, dtype=torch.float64), torch.randn(T, H, dtype=torch.float64)]
     results, raw = [], []
-    for fn in (_kernel, _oracle):
+    for fn, extra in ((_kernel, {"tiled": tiled}), (_oracle, {})):
         torch.manual_seed(7)
-        outs = fn(experts, leaves, threshold, bucket)
+        outs = fn(experts, leaves, threshold, bucket, **extra)
         grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cot)), leaves, allow_unused=True)
         raw.append(grads)
         results.append(([o.detach() for o in outs], [torch.zeros_like(l) if g is None else g
@@ -294,14 +301,21 @@ def test_expert_blocks_are_padded_only_for_half_precision_on_cpu(monkeypatch, dt
     for plan in plans:
         counts, caps = plan.layout.counts[:4], plan.layout.capacities[:4]
         if dtype == torch.float32:
-            assert caps == counts
+            assert caps == counts and not plan.tiled
         else:
             assert plan.layout.uniform and len(set(caps)) == 1 and caps[0] % 16 == 0 or \
                 all(c % 64 == 0 and c >= n for c, n in zip(caps, counts))
             assert caps != counts  # this batch's counts are not all multiples of 16
+            assert plan.tiled == (not plan.layout.uniform)  # padded blocks of different sizes: as tiles
     plans.clear()
     for module in model.modules():
         if isinstance(module, MixLoraMoeFFN):
             module.row_bucket, module.uniform_bucket = 8, 0
     model(input_ids=ids, attention_mask=mask)
-    assert all(all(c % 8 == 0 for c in p.layout.capacities[:4]) for p in plans)
+    assert all(all(c % 8 == 0 for c in p.layout.capacities[:4]) and p.tiled for p in plans)
+    plans.clear()
+    for module in model.modules():
+        if isinstance(module, MixLoraMoeFFN):
+            module.tiled_blocks = False
+    model(input_ids=ids, attention_mask=mask)
+    assert plans and not any(p.tiled for p in plans)
