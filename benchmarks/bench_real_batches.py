@@ -51,6 +51,8 @@ VARIANTS = {"fused_grouped": {"grouped_mm": True},  # torch._grouped_mm over the
             "fused_uniform": {"uniform_waste": float("inf")},  # always one batched matmul (uniform blocks)
             "fused_nopad": {"row_bucket": 1, "uniform_bucket": 1},  # expert blocks not padded
             "fused_pad16": {"row_bucket": 16},  # expert blocks padded to 16 rows, not 64
+            "fused_pad32": {"row_bucket": 32},  # expert blocks padded to 32 rows, not 64
+            "fused_pad64": {"row_bucket": 64},  # expert blocks padded to 64 rows (the bf16 default; fp32 pads none)
             "fused_syncfree": {"sync_free": True},  # routing layout on the device, grouped matmuls (for GPUs)
             "fused_untiled": {"tiled_blocks": False}}  # padded blocks as one matmul per expert, not as tiles
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
