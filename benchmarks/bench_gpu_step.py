@@ -60,7 +60,8 @@ START = time.perf_counter()
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_DIR = os.path.join(HERE, "gpu_configs")
 MODEL_CONFIGS = {"smollm2-135m": "smollm2-135m.json", "gemma3-270m": "gemma3-270m.json"}
-DEFAULT_METHODS = ("base", "lora", "fused", "fused_syncfree", "fused_syncfree16", "fused_nodrop", "reference_code")
+DEFAULT_METHODS = ("base", "lora", "fused", "fused_untiled", "fused_syncfree", "fused_syncfree16", "fused_nodrop",
+                   "reference_code")
 # Measured on an H100 on 2026-11-26 (reports/bench_gpu_step_h100.md), so not run by default any more.
 ALL_METHODS = DEFAULT_METHODS + ("reference", "fused_pad1", "fused_maskdrop", "fused_recompute", "per_expert_down")
 PROFILED = ("lora", "fused", "fused_syncfree")  # --profile: one step of each, per-operator tables
@@ -71,6 +72,7 @@ WHAT = {
     "reference": "MixLoRA reference path (ours, per expert)",
     "reference_code": "mixlora 0.2.3 package (fp32 LoRA)",
     "fused_pad1": "fused, no row padding (row_bucket=1)",
+    "fused_untiled": "fused, one matmul per expert block instead of one batched matmul over row tiles",
     "fused_maskdrop": "fused, dropout positions from a keep mask",
     "fused_nodrop": "fused, LoRA dropout 0",
     "fused_syncfree": "fused, routing layout on the device, grouped matmuls (set_sync_free)",
@@ -259,6 +261,10 @@ def build(method: str, template, args, device):
             model.set_sync_free(True, 16 if method == "fused_syncfree16" else 1)
         for module in model.moe_layers():
             module.factor_down = method != "per_expert_down"
+            if method == "fused_untiled":
+                if not hasattr(module, "tiled_blocks"):
+                    raise Unavailable("MixLoraMoeFFN has no tiled_blocks attribute any more")
+                module.tiled_blocks = False
             if method == "fused_pad1":
                 if not hasattr(module, "row_bucket"):
                     raise Unavailable("MixLoraMoeFFN has no row_bucket attribute any more")
