@@ -265,16 +265,22 @@ def test_sync_free_model_trains_like_the_default_path(monkeypatch):
     assert layouts and not any(layouts)
 
 
-def test_default_path_runs_the_fused_kernel(monkeypatch):
-    """The model's default path goes through FusedLoraExperts (so the equivalence tests cover it)."""
-    calls = []
+def _spy_on_plans(monkeypatch) -> list:
+    """The `ExpertPlan` of every `FusedLoraExperts` call from now on (the list fills as the kernel runs)."""
+    plans = []
     original = kernels.FusedLoraExperts.apply
 
     def spy(*args):
-        calls.append(args[1].shape)
+        plans.append(args[4])
         return original(*args)
 
     monkeypatch.setattr(kernels.FusedLoraExperts, "apply", spy)
+    return plans
+
+
+def test_default_path_runs_the_fused_kernel(monkeypatch):
+    """The model's default path goes through FusedLoraExperts (so the equivalence tests cover it)."""
+    calls = _spy_on_plans(monkeypatch)
     model = get_mixlora_model(tiny_llama(), MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2),
                               adapter_dtype=torch.float64)
     randomize_adapters(model)
@@ -287,14 +293,7 @@ def test_default_path_runs_the_fused_kernel(monkeypatch):
 def test_expert_blocks_are_padded_only_for_half_precision_on_cpu(monkeypatch, dtype):
     """oneDNN builds a kernel per bf16 matmul shape, so bf16 blocks are padded to few shapes;
     fp32 (MKL) blocks are not padded. An explicit `row_bucket` wins."""
-    plans = []
-    original = kernels.FusedLoraExperts.apply
-
-    def spy(*args):
-        plans.append(args[4])
-        return original(*args)
-
-    monkeypatch.setattr(kernels.FusedLoraExperts, "apply", spy)
+    plans = _spy_on_plans(monkeypatch)
     model = get_mixlora_model(tiny_llama().to(dtype), MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2))
     ids, mask = batch()
     model(input_ids=ids, attention_mask=mask)
@@ -307,15 +306,55 @@ def test_expert_blocks_are_padded_only_for_half_precision_on_cpu(monkeypatch, dt
                 all(c % 64 == 0 and c >= n for c, n in zip(caps, counts))
             assert caps != counts  # this batch's counts are not all multiples of 16
             assert plan.tiled == (not plan.layout.uniform)  # padded blocks of different sizes: as tiles
+    if dtype == torch.bfloat16:  # this small batch's layouts are uniform; without that option, tiles of 64 rows
+        plans.clear()
+        for module in model.modules():
+            if isinstance(module, MixLoraMoeFFN):
+                module.uniform_bucket = 0
+        model(input_ids=ids, attention_mask=mask)
+        assert plans and all(p.tiled and p.layout.bucket == 64 for p in plans)
     plans.clear()
     for module in model.modules():
         if isinstance(module, MixLoraMoeFFN):
             module.row_bucket, module.uniform_bucket = 8, 0
     model(input_ids=ids, attention_mask=mask)
-    assert all(all(c % 8 == 0 for c in p.layout.capacities[:4]) and p.tiled for p in plans)
+    assert plans and all(all(c % 8 == 0 for c in p.layout.capacities[:4]) and p.tiled for p in plans)
     plans.clear()
     for module in model.modules():
         if isinstance(module, MixLoraMoeFFN):
             module.tiled_blocks = False
     model(input_ids=ids, attention_mask=mask)
     assert plans and not any(p.tiled for p in plans)
+
+
+def test_tiled_blocks_match_per_expert_blocks_in_bf16(monkeypatch):
+    """The tiles in bf16, where they are the default (the fp64 oracle cases above cannot reach the bf16
+    casts): loss and every adapter gradient of a training step, with dropout, against one matmul per
+    expert block on the same model, batch and dropout positions."""
+    plans = _spy_on_plans(monkeypatch)
+    model = get_mixlora_model(tiny_llama(torch.bfloat16), MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2,
+                                                                       lora_dropout=0.1))
+    randomize_adapters(model)
+    model.train()
+    ids, mask = batch(lengths=(9, 9, 7, 8))
+    results = []
+    for tiled in (True, False):
+        for module in model.modules():
+            if isinstance(module, MixLoraMoeFFN):
+                module.uniform_bucket, module.tiled_blocks = 0, tiled
+        model.zero_grad(set_to_none=True)
+        plans.clear()
+        torch.manual_seed(11)
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        assert plans and all(p.tiled == tiled for p in plans)
+        results.append((loss.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                if p.requires_grad and "experts" in n}))
+    (loss_t, grads_t), (loss_e, grads_e) = results
+    assert torch.allclose(loss_t, loss_e, rtol=1e-2)
+    assert grads_t.keys() == grads_e.keys() and len(grads_t) == 2 * 4 * 3 * 2  # layers x experts x gate/up/down x A/B
+    for name, g in grads_t.items():
+        ref = grads_e[name]
+        assert g.dtype == ref.dtype == torch.float32
+        assert ref.abs().max() > 0, name
+        assert (g - ref).abs().max() <= 3e-2 * ref.abs().max(), name
