@@ -276,6 +276,11 @@ def _bmm_view(t: torch.Tensor, rows: slice, experts: int, size: int) -> torch.Te
     return t[rows].view(experts, size, t.shape[-1])
 
 
+def _tile_view(plan: ExpertPlan, t: torch.Tensor) -> torch.Tensor:
+    """The adapted rows of a [rows, n] tensor as [tiles, bucket, n] (a view; `plan.tiled`)."""
+    return _bmm_view(t, slice(0, plan.adapted_rows), plan.tile_expert.numel(), plan.layout.bucket)
+
+
 def block_mm(plan: ExpertPlan, a: torch.Tensor, w: torch.Tensor, acc: torch.Tensor | None = None,
              alpha: float = 1.0) -> torch.Tensor:
     """Per adapted expert e, the rows of e's block of `a` times w[e]: a [rows, K], w [E, K, N] (any
@@ -289,11 +294,10 @@ def block_mm(plan: ExpertPlan, a: torch.Tensor, w: torch.Tensor, acc: torch.Tens
         acc[:n_rows].add_(out, alpha=alpha)
         return acc
     if plan.tiled:
-        tiles = plan.tile_expert.numel()
-        a_tiles, w_tiles = a[:n_rows].view(tiles, -1, a.shape[-1]), plan.tile_weights(w)
+        a_tiles, w_tiles = _tile_view(plan, a), plan.tile_weights(w)
         if acc is None:
             return torch.bmm(a_tiles, w_tiles).view(n_rows, w.shape[-1])
-        acc[:n_rows].view(tiles, -1, w.shape[-1]).baddbmm_(a_tiles, w_tiles, alpha=alpha)
+        _tile_view(plan, acc).baddbmm_(a_tiles, w_tiles, alpha=alpha)
         return acc
     out = a.new_empty(n_rows, w.shape[-1]) if acc is None else acc
     for e0, e1, sl, size in plan.groups():
@@ -317,9 +321,7 @@ def block_mm_t(plan: ExpertPlan, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     if plan.grouped:
         return torch._grouped_mm(a[:n_rows].t(), b[:n_rows], offs=plan.offsets)
     if plan.tiled:  # per tile, then summed per expert in >= fp32 (as one matmul per expert accumulates)
-        tiles = plan.tile_expert.numel()
-        per_tile = torch.bmm(a[:n_rows].view(tiles, -1, a.shape[-1]).transpose(1, 2),
-                             b[:n_rows].view(tiles, -1, b.shape[-1]))
+        per_tile = torch.bmm(_tile_view(plan, a).transpose(1, 2), _tile_view(plan, b))
         total = per_tile.new_zeros(plan.num_adapted, a.shape[-1], b.shape[-1],
                                    dtype=torch.promote_types(per_tile.dtype, torch.float32))
         return total.index_add_(0, plan.tile_expert, per_tile.to(total.dtype))
